@@ -227,9 +227,15 @@ OPEN_SECTIONS = ("data", "model", "estimator")
 # variance, so they get the forward-gradient values; so does any estimator missing from
 # the table ("*"). These are starting points, not tuned results: tune per task and budget
 # (configs/demo.toml records a sweep) before drawing conclusions.
+# Guessed gradients (activity perturbation, W^T, W-perp, W-perp-NS, W^P): seed 001
+# (Wang, Markou, Campbell 2025) trains all of them with AdamW at 1e-4; with SGD they get
+# the forward-gradient value (untuned).
+_GUESSED = ("activity_perturbation", "wt_guess", "w_perp", "w_perp_ns", "w_p")
 DEFAULT_LR: dict[str, dict[str, float]] = {
-    "sgd": {"backprop": 0.1, "forward_gradient": 4.64e-4, "spsa": 4.64e-4, "mezo": 4.64e-4, "*": 4.64e-4},
-    "adam": {"backprop": 1e-3, "forward_gradient": 5e-4, "spsa": 5e-4, "mezo": 5e-4, "*": 5e-4},
+    "sgd": {"backprop": 0.1, "forward_gradient": 4.64e-4, "spsa": 4.64e-4, "mezo": 4.64e-4,
+            **dict.fromkeys(_GUESSED, 4.64e-4), "*": 4.64e-4},
+    "adam": {"backprop": 1e-3, "forward_gradient": 5e-4, "spsa": 5e-4, "mezo": 5e-4,
+             **dict.fromkeys(_GUESSED, 1e-4), "*": 5e-4},
 }
 _FAMILY = {"sgd": "sgd", "nesterov": "sgd", "adam": "adam", "adamw": "adam"}
 
