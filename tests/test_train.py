@@ -239,3 +239,17 @@ def test_summary_records_step_flops_and_memory_by_category(tmp_path):
     assert summary["peak_over_inference"] > 1
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["flops_per_step"] == summary["flops_per_step"] > 0
+
+
+def test_save_model_writes_the_final_parameters(tmp_path):
+    import torch
+
+    from bpfree import models
+
+    summary = train.run(tiny(train={"max_steps": 3, "save_model": True}), tmp_path / "r")
+    state = torch.load(tmp_path / "r" / "model.pt")
+    model = models.make("mlp", input_shape=(8,), num_classes=3, hidden=[16], seed=0)
+    assert set(state) == set(model.state_dict()) and summary["steps"] == 3
+    assert not (tmp_path / "r" / "model.pt.part").exists()
+    train.run(tiny(train={"max_steps": 3}), tmp_path / "r", overwrite=True)  # without it, no stale model.pt
+    assert not (tmp_path / "r" / "model.pt").exists()

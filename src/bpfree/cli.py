@@ -30,7 +30,7 @@ from bpfree.config import ConfigError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bpfree", description="Train without backpropagation, measured against it.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,compare,measure,probe,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,compare,measure,probe,study,report}")
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument(
@@ -97,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", type=Path, help="output directory (default runs/probe-DATA)")
 
+    st = sub.add_parser("study", help="run a shipped reproduction of a paper (bpfree study list)")
+    st_sub = st.add_subparsers(dest="study_command", required=True, metavar="{list,run}")
+    st_sub.add_parser("list", help="list the shipped studies and their presets")
+    sr = st_sub.add_parser("run", help="run one study end to end (finished runs are reused: resumable)")
+    sr.add_argument("name", help="study name, e.g. wang2025 (bpfree study list)")
+    sr.add_argument("--preset", help="preset of the study file (default: the study's CPU preset)")
+    sr.add_argument("--out", type=Path, help="output directory (default runs/NAME-PRESET)")
+    sr.add_argument("--overwrite", action="store_true", help="redo finished runs instead of reusing them")
+
     r = sub.add_parser("report", help="rebuild report.md/report.html/PNGs from run or compare directories")
     r.add_argument("paths", type=Path, nargs="+", help="run directories or compare directories")
     r.add_argument("--out", type=Path, help="output directory (default: the directory given, or their common parent)")
@@ -108,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bpfree`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _train, "compare": _compare, "measure": _measure, "probe": _probe, "report": _report}
+        commands = {"train": _train, "compare": _compare, "measure": _measure, "probe": _probe, "study": _study,
+                    "report": _report}
         return commands[args.command](args)
     except (ConfigError, data.DatasetNotFoundError, runs.RunExistsError, FileNotFoundError) as e:
         print(f"bpfree: error: {_one_line(e)}", file=sys.stderr)
@@ -228,6 +238,24 @@ def _probe(args: argparse.Namespace) -> int:
     run_probe(cfg, out)
     print((out / "probe.md").read_text())
     print(f"written: {out}/probe.md, probe.csv, probe.json and PNG plots")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    import importlib
+
+    from bpfree import studies
+
+    if args.study_command == "list":
+        for name in studies.available():
+            module, what, default = studies.STUDIES[name]
+            names = ", ".join(sorted(importlib.import_module(module).presets()))
+            print(f"{name}: {what}\n    presets: {names} (default {default})")
+        return 0
+    preset = args.preset or studies.STUDIES.get(args.name, ("", "", ""))[2]
+    out = args.out or Path("runs") / f"{args.name}-{preset}"
+    record = studies.run_study(args.name, args.preset, out, overwrite=args.overwrite)
+    print(f"report: {out / record['report']['html']}")
     return 0
 
 

@@ -9,7 +9,7 @@ A config has one table per concern::
     [optimizer]  name (sgd | nesterov | adam | adamw), lr, momentum, betas, eps, weight_decay
     [schedule]   decay                      (lr_t = lr · exp(−decay · t), see ScheduleConfig)
     [train]      epochs, max_steps, max_seconds, clip_grad_norm, eval_every_steps, seed, device,
-                 warmup, measure, progress
+                 warmup, measure, progress, save_model
     [run]        out, name
     [compare]    estimators, lr             (only read by ``bpfree compare``)
 
@@ -153,7 +153,10 @@ class TrainConfig:
     forward-AD decompositions) do not count in ms/step, wall time or
     ``max_seconds``; it costs one extra copy of the parameters. ``measure``
     also records, on that copy, the FLOPs and the peak memory by category of
-    one training step (``bpfree.measure``) in ``summary.json``.
+    one training step (``bpfree.measure``) in ``summary.json``. ``save_model``
+    writes the final parameters to ``model.pt`` in the run directory
+    (``torch.save`` of the ``state_dict``), also when the run diverged or was
+    interrupted.
     """
 
     epochs: int | None = None
@@ -166,6 +169,7 @@ class TrainConfig:
     warmup: bool = True
     measure: bool = True
     progress: bool = True
+    save_model: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Every run writes one directory, enough to rebuild any report without re-running:
     summary.json   status and final numbers; written with status "running" when the
                    run starts and replaced atomically (write + rename) when it ends
     error.txt      the traceback, only when status is "failed"
+    model.pt       the final parameters (``state_dict``), only with ``train.save_model = true``
 
 Columns of ``metrics.csv``: ``step`` (1-based index of the optimizer step),
 ``epoch`` (1-based epoch the step belongs to), ``loss`` (the estimator's loss on
@@ -46,7 +47,7 @@ METRICS_COLUMNS = (
     "wall_time_s",
 )
 EVAL_COLUMNS = ("step", "epoch", "split", "loss", "accuracy", "wall_time_s")
-RUN_FILES = ("config.toml", "metrics.csv", "eval.csv", "summary.json", "error.txt")
+RUN_FILES = ("config.toml", "metrics.csv", "eval.csv", "summary.json", "error.txt", "model.pt")
 
 STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
 
@@ -99,6 +100,14 @@ class RunWriter:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Replace ``summary.json`` atomically."""
         write_json(self.path / "summary.json", summary)
+
+    def write_model(self, model: "torch.nn.Module") -> None:
+        """``model.pt``: the ``state_dict``, written to a temporary file and renamed (never half-written)."""
+        import torch
+
+        part = self.path / "model.pt.part"
+        torch.save(model.state_dict(), part)
+        os.replace(part, self.path / "model.pt")
 
     def write_error(self, text: str) -> None:
         (self.path / "error.txt").write_text(text)

@@ -192,6 +192,8 @@ def run(
             writer.write_summary({**static, **loop.summary("failed")})
             raise
         summary = {**static, **loop.summary(loop.status)}
+        if t.save_model:
+            writer.write_model(model)
         writer.write_summary(summary)
     return runs.json_safe(summary)
 
