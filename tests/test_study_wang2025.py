@@ -53,6 +53,11 @@ def test_smoke_study_writes_report_and_resumes(tmp_path, capsys):
     # a second run reuses every finished training run
     assert cli.main(["study", "run", "wang2025", "--preset", "smoke", "--out", str(out)]) == 0
     assert capsys.readouterr().err.count("reusing the finished run") == len(record["training"])
+    # the report can be rebuilt from study.json alone
+    (out / "report.md").unlink()
+    assert cli.main(["study", "run", "wang2025", "--preset", "smoke", "--out", str(out), "--report-only"]) == 0
+    assert "Train accuracy by width" in (out / "report.md").read_text()
+    assert cli.main(["study", "run", "wang2025", "--out", str(tmp_path / "none"), "--report-only"]) == 2
 
 
 def test_report_tables_put_the_papers_numbers_beside_ours():

@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--preset", help="preset of the study file (default: the study's CPU preset)")
     sr.add_argument("--out", type=Path, help="output directory (default runs/NAME-PRESET)")
     sr.add_argument("--overwrite", action="store_true", help="redo finished runs instead of reusing them")
+    sr.add_argument("--report-only", action="store_true", help="only rewrite the report from the saved results")
 
     r = sub.add_parser("report", help="rebuild report.md/report.html/PNGs from run or compare directories")
     r.add_argument("paths", type=Path, nargs="+", help="run directories or compare directories")
@@ -254,7 +255,10 @@ def _study(args: argparse.Namespace) -> int:
         return 0
     preset = args.preset or studies.STUDIES.get(args.name, ("", "", ""))[2]
     out = args.out or Path("runs") / f"{args.name}-{preset}"
-    record = studies.run_study(args.name, args.preset, out, overwrite=args.overwrite)
+    if args.report_only:
+        record = studies.rebuild_report(args.name, out)
+    else:
+        record = studies.run_study(args.name, args.preset, out, overwrite=args.overwrite)
     print(f"report: {out / record['report']['html']}")
     return 0
 

@@ -32,3 +32,13 @@ def run_study(name: str, preset: str | None, out: str | Path, *, overwrite: bool
         raise ConfigError(f"unknown study {name!r}; available: {', '.join(available())}")
     module, _, default = STUDIES[name]
     return importlib.import_module(module).run_study(preset or default, out, overwrite=overwrite, log=log, **options)
+
+
+def rebuild_report(name: str, out: str | Path) -> dict[str, Any]:
+    """Rewrite the report of the finished study ``name`` in ``out`` from its saved results."""
+    if name not in STUDIES:
+        raise ConfigError(f"unknown study {name!r}; available: {', '.join(available())}")
+    module = importlib.import_module(STUDIES[name][0])
+    if not hasattr(module, "rebuild_report"):
+        raise ConfigError(f"study {name!r} cannot rebuild its report alone; run it again (finished runs are reused)")
+    return module.rebuild_report(out)

@@ -333,6 +333,20 @@ def run_study(preset: str = "cpu", out: str | Path = "runs/wang2025", *, overwri
 # ----------------------------------------------------------------------------- the report
 
 
+def rebuild_report(out: str | Path) -> dict[str, Any]:
+    """Rewrite the report of a finished study from its ``study.json`` alone (no training, no measuring)."""
+    out = Path(out)
+    try:
+        record = json.loads((out / "study.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out} holds no study.json; run the study first (bpfree study run {NAME})") from None
+    if "quality" not in record:
+        raise ConfigError(f"the study in {out} did not finish (no quality measurements); run it again to resume")
+    record["report"] = write_report(record, out)
+    runs.write_json(out / "study.json", record)
+    return record
+
+
 def _fmt(v: Any, spec: str = ".3f") -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -577,5 +591,5 @@ def write_report(record: dict[str, Any], out: Path) -> dict[str, str]:
     return {"markdown": "report.md", "html": "report.html", **{k: v for k, v in files.items()}}
 
 
-__all__ = ["NAME", "PAPER_TRAIN_ACC", "Preset", "get_preset", "planned_runs", "presets", "run_study",
+__all__ = ["NAME", "PAPER_TRAIN_ACC", "Preset", "get_preset", "planned_runs", "presets", "rebuild_report", "run_study",
            "subspace_energy", "write_report"]
