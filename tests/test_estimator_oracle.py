@@ -215,3 +215,47 @@ def test_lowrank_refuses_a_linear_used_without_its_forward(name):
 
     names = [n for n, _ in attn.named_parameters()]
     assert all(not n.startswith("out_proj") for i, n in enumerate(names) if i in lowrank_modules(attn, names))
+
+
+def _chain_and_loop_derivatives(model, closure, k=5, seed=0):
+    """d_k from the batched chain pass and from one forward-mode pass per direction, same directions."""
+    from bpfree.estimators import _lowrank
+    from bpfree.estimators.forward_gradient import directional_derivative
+
+    gen = torch.Generator().manual_seed(seed)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    facs = {m: [_lowrank.draw_factors(m.weight, 2, "gaussian", gen) for _ in range(k)] for m in linears}
+    biases = {m: torch.randn(k, m.out_features, generator=gen, dtype=m.weight.dtype) for m in linears}
+    stacked = {m: (torch.stack([a for a, _ in f]), torch.stack([b for _, b in f])) for m, f in facs.items()}
+    loss, d_chain = _lowrank.chain_directional_derivatives(model, list(model), closure, stacked, biases)
+    names = [f"{i}.bias" for i, m in enumerate(model) if isinstance(m, torch.nn.Linear)]
+    primals = [m.bias.detach() for m in linears]
+    d_loop = []
+    for j in range(k):
+        with _lowrank.with_tangents({m: facs[m][j] for m in linears}, model):
+            _, d = directional_derivative(model, names, closure, primals, [biases[m][j] for m in linears])
+        d_loop.append(d.reshape(()))
+    return loss, d_chain, torch.stack(d_loop)
+
+
+def test_batched_chain_pass_gives_the_exact_directional_derivatives():
+    prob = make_problem("mlp")
+    loss, d_chain, d_loop = _chain_and_loop_derivatives(prob.model, prob.closure)
+    torch.testing.assert_close(d_chain, d_loop, rtol=1e-10, atol=1e-12)
+    assert loss.item() == pytest.approx(prob.closure().item(), rel=1e-12)
+    flat = torch.nn.Sequential(torch.nn.Flatten(), *make_problem("mlp").model).double()
+    x = prob.x.reshape(16, 3, 4)
+    _, d_chain, d_loop = _chain_and_loop_derivatives(flat, lambda: F.cross_entropy(flat(x), prob.y))
+    torch.testing.assert_close(d_chain, d_loop, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_gradient_k_directions_use_one_pass_on_mlps_and_fall_back_otherwise():
+    prob = make_problem("mlp")
+    est = estimators.make("forward_gradient", num_directions=4)
+    out = est.estimate(prob.model, prob.closure, generator=torch.Generator().manual_seed(0))
+    assert out.details.get("batched_tangents") and out.forward_passes == 5
+    # a penalty on the parameters inside the closure is not a function of the output: one pass per direction
+    penalised = lambda: prob.closure() + 1e-3 * prob.model[0].weight.square().sum()  # noqa: E731
+    out = est.estimate(prob.model, penalised, generator=torch.Generator().manual_seed(0))
+    assert not out.details.get("batched_tangents") and out.forward_passes == 8
+    assert "forward" not in prob.model.__dict__

@@ -160,3 +160,99 @@ def with_tangents(tangents: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]],
         return forward
 
     return _patched({mod: make(mod, a, b) for mod, (a, b) in tangents.items()}, model)
+
+
+# --------------------------------------------------------------------------- K tangents in one pass
+
+CHAIN_TYPES = (nn.Linear, nn.ReLU, nn.Flatten)
+
+
+def linear_relu_chain(model: nn.Module) -> list[nn.Module] | None:
+    """The modules of ``model`` if it is a plain ``nn.Sequential`` of exactly Linear, ReLU and
+    Flatten modules (an MLP such as seed 002's NN), else None."""
+    if type(model) is not nn.Sequential:
+        return None
+    chain = list(model)
+    if not chain or not all(type(m) in CHAIN_TYPES for m in chain):
+        return None
+    return chain
+
+
+class NotAChainLoss(Exception):
+    """The closure used the parameters outside the model's forward: the chain pass does not apply."""
+
+
+def chain_directional_derivatives(
+    model: nn.Sequential,
+    chain: list[nn.Module],
+    closure: Callable[[], torch.Tensor],
+    weight_factors: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]],
+    bias_tangents: dict[nn.Linear, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, d)`` with d_k = ∇f·v_k for K directions from ONE forward pass.
+
+    Each Linear's weight has K tangents A_k B_kᵀ (``weight_factors[mod] = (A, B)``
+    with A (K, m, r), B (K, n, r)) and its bias K dense tangents (K, m). The
+    pass carries a (K, batch, ·) tangent beside the primal:
+
+        ṡ_k = W ẋ_k + A_k (B_kᵀ x) + ḃ_k,     ReLU: ẋ_k = 1[s > 0] ṡ_k,
+
+    so the primal runs once and the K tangent matmuls W ẋ_k are one GEMM
+    (the first layer's input has no tangent, so it costs nothing there). The
+    model's output z is handed to the closure as a fresh autograd leaf; the
+    loss's gradient G = ∂L/∂z (the loss head only) gives d_k = Σ G·ż_k, the
+    exact jvp. If the loss also depends on the parameters some other way
+    (e.g. a penalty in the closure), :class:`NotAChainLoss` is raised and the
+    caller falls back to one forward-mode pass per direction.
+    """
+    state: dict[str, object] = {"calls": 0}
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:
+        state["calls"] = int(state["calls"]) + 1  # type: ignore[arg-type]
+        with torch.no_grad():
+            h, ht = inp, None
+            for mod in chain:
+                if type(mod) is nn.Flatten:
+                    h = mod(h)
+                    if ht is not None:  # the tangent has the K axis in front
+                        end = mod.end_dim if mod.end_dim < 0 else mod.end_dim + 1
+                        ht = ht.flatten(mod.start_dim + 1, end)
+                elif type(mod) is nn.Linear:
+                    a, b = weight_factors[mod]
+                    if h.dim() != 2:
+                        raise NotAChainLoss
+                    s = F.linear(h, mod.weight, mod.bias)
+                    hb = torch.einsum("bn,knr->kbr", h, b)
+                    t = torch.bmm(hb, a.transpose(1, 2))  # (K, batch, m) = A_k (B_kᵀ x)
+                    if mod in bias_tangents:
+                        t += bias_tangents[mod].unsqueeze(1)
+                    if ht is not None:  # W ẋ_k for all K at once: one (K·batch × n)(n × m) GEMM
+                        t = t.view(-1, t.shape[-1]).addmm_(ht.reshape(-1, ht.shape[-1]), mod.weight.T).view_as(t)
+                    h, ht = s, t
+                else:  # ReLU
+                    ht = ht * (h > 0) if ht is not None else None
+                    h = torch.relu(h)
+        state["tangent"] = ht
+        out = h.detach().requires_grad_(True)
+        state["leaf"] = out
+        return out.view_as(out)
+
+    if "forward" in model.__dict__:
+        raise NotAChainLoss
+    model.forward = forward
+    try:
+        with torch.enable_grad():
+            loss = closure()
+    finally:
+        del model.forward
+    if state["calls"] != 1 or not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        raise NotAChainLoss
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [state["leaf"], *params], allow_unused=True)  # type: ignore[list-item]
+    if any(g is not None for g in grads[1:]):
+        raise NotAChainLoss
+    g_out, tangent = grads[0], state["tangent"]
+    if g_out is None or tangent is None:
+        raise NotAChainLoss
+    d = (tangent * g_out).flatten(1).sum(1)  # type: ignore[operator]
+    return loss.detach().reshape(()), d

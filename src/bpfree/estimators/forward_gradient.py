@@ -110,10 +110,18 @@ class ForwardGradient(Estimator):
 
     def _estimate_lowrank(self, model, params, closure, generator) -> Estimate:
         """``rank = r``: nn.Linear weights get tangents V = A Bᵀ applied inside the layer
-        (``_lowrank.with_tangents``), the other parameters dense tangents. Each of the K
-        directions is its own forward-mode pass (the layer patch does not run under vmap)."""
+        (``_lowrank.with_tangents``), the other parameters dense tangents. For K > 1 on a plain
+        Linear/ReLU/Flatten ``nn.Sequential`` all K tangents ride one pass
+        (:meth:`_estimate_chain`); otherwise each direction is its own forward-mode pass (the
+        layer patch does not run under vmap)."""
         k = self.num_directions
         lowrank = _lowrank.lowrank_modules(model, [n for n, _ in params])
+        chain = _lowrank.linear_relu_chain(model) if k > 1 else None
+        if chain is not None:
+            try:
+                return self._estimate_chain(model, params, closure, generator, chain, lowrank)
+            except _lowrank.NotAChainLoss:
+                pass  # e.g. a penalty on the parameters inside the closure: one pass per direction
         dense = [(n, p) for i, (n, p) in enumerate(params) if i not in lowrank]
         names, primals = [n for n, _ in dense], [p.detach() for _, p in dense]
         d_all, dense_grads, factors = [], None, {i: [] for i in lowrank}
@@ -150,6 +158,46 @@ class ForwardGradient(Estimator):
             details={
                 "directional_derivatives": raw.detach().clone(),
                 "clipped": int((raw.abs() > self.jvp_clip).sum()) if self.jvp_clip is not None else 0,
+            },
+        )
+
+
+    def _estimate_chain(self, model, params, closure, generator, chain, lowrank) -> Estimate:
+        """K > 1 on a Linear/ReLU MLP: the primal once, the K tangents batched
+        (``_lowrank.chain_directional_derivatives``); the same estimator, one pass."""
+        k = self.num_directions
+        owner = {}
+        for mod in chain:
+            if type(mod) is torch.nn.Linear:
+                owner[id(mod.weight)] = (mod, "weight")
+                if mod.bias is not None:
+                    owner[id(mod.bias)] = (mod, "bias")
+        weight_factors, bias_tangents, factors = {}, {}, {}
+        for i, (_, p) in enumerate(params):
+            mod, kind = owner.get(id(p), (None, None))
+            if mod is None or (kind == "weight" and i not in lowrank):
+                raise _lowrank.NotAChainLoss
+            if kind == "weight":
+                factors[i] = [_lowrank.draw_factors(p, self.rank, self.distribution, generator) for _ in range(k)]
+                weight_factors[mod] = (torch.stack([a for a, _ in factors[i]]), torch.stack([b for _, b in factors[i]]))
+            else:
+                bias_tangents[mod] = directions.sample((k, p.numel()), distribution=self.distribution,
+                                                       generator=generator, dtype=p.dtype, device=p.device)
+        loss, raw = _lowrank.chain_directional_derivatives(model, chain, closure, weight_factors, bias_tangents)
+        weights = self._clip(raw) / k
+        for i, (_, p) in enumerate(params):
+            mod, kind = owner[id(p)]
+            if kind == "weight":
+                _lowrank.write_gradient(p, weights, factors[i])
+            else:
+                write_gradients([params[i]], [weights.to(p.dtype) @ bias_tangents[mod]])
+        return Estimate(
+            loss=float(loss),
+            forward_passes=1.0 + k,  # primal once + W·ẋ per tangent (A(Bᵀx) is negligible)
+            details={
+                "directional_derivatives": raw.detach().clone(),
+                "clipped": int((raw.abs() > self.jvp_clip).sum()) if self.jvp_clip is not None else 0,
+                "batched_tangents": True,
             },
         )
 
