@@ -14,6 +14,7 @@ spaces and one fixed budget::
     sampler = "grid"               # grid | tpe | random (default of every method)
     n_trials = 20                  # trials per method for tpe / random
     missing_data = "error"         # or "skip": a method whose data set is absent is reported as skipped
+    report = "bpfree.studies.rike2024"   # optional: a module whose build_report(results, out) writes the report
 
     [base.data]                    # a bpfree config (bpfree.config), shared by every method
     name = "mnist"
@@ -86,7 +87,7 @@ BUDGET_KEYS = ("steps", "epochs", "seconds", "flops")
 SAMPLERS = ("grid", "tpe", "random")
 OBJECTIVES = {"val_loss": ("final_val_loss", "minimize"), "val_accuracy": ("final_val_accuracy", "maximize")}
 STUDY_KEYS = ("name", "title", "objective", "budget", "seeds", "search_seed", "sampler", "n_trials",
-              "missing_data", "eval_every_steps", "default_preset", "description")
+              "missing_data", "eval_every_steps", "default_preset", "description", "report")
 METHOD_KEYS = ("set", "space", "tags", "sampler", "n_trials", "budget")
 _ATTR = "bpfree:"  # prefix of the optuna user attributes this module writes
 
@@ -122,6 +123,7 @@ class Study:
     methods: tuple[Method, ...]
     preset: str | None = None
     source: str = ""
+    report: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def method(self, name: str) -> Method:
@@ -241,6 +243,7 @@ def from_dict(
         methods=tuple(methods),
         preset=preset,
         source=source,
+        report=s.get("report"),
         raw=merged,
     )
 
@@ -388,7 +391,7 @@ def default_storage(out: Path) -> str:
 
 def open_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int = 120):
     """optuna's RDB storage with heartbeats (a dead remote worker's trial is noticed after
-    ``grace_period`` s). ``postgresql://`` needs the ``postgres`` extra (psycopg2)."""
+    ``grace_period`` s). ``postgresql://`` needs the ``postgres`` extra (psycopg 3)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -400,13 +403,30 @@ def open_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
-                                              grace_period=grace_period, **kwargs)
-        except ModuleNotFoundError as e:
+            for attempt in range(5):
+                try:
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
+                                                      grace_period=grace_period, **kwargs)
+                except ImportError:
+                    raise
+                except Exception as e:
+                    # Workers that start together on an empty database race to create optuna's
+                    # tables; the losers see "already exists" and find the tables on a retry.
+                    if attempt == 4 or not any(w in str(e).lower() for w in ("already exists", "duplicate", "locked")):
+                        raise
+                    time.sleep(0.5 + 0.5 * attempt)
+        except ImportError as e:
             raise ConfigError(
-                f"storage {url.split('://')[0]}:// needs the database driver ({e.name}); "
-                "install it with: pip install 'bpfree[postgres]'"
+                f"storage {url.split('://')[0]}:// needs its database driver ({e}); for PostgreSQL "
+                "install it with: pip install 'bpfree[postgres]' (psycopg 3)"
             ) from None
+
+
+def close_storage(storage: Any) -> None:
+    """Close the storage's database connections (a server connection left open warns at exit)."""
+    with contextlib.suppress(Exception):
+        storage.remove_session()
+        storage.engine.dispose()
 
 
 def _boot_id() -> str:
@@ -459,12 +479,12 @@ def recover(study: Any) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t._trial_id not in stale and not _dead_here(t):
             continue
-        try:
+        try:  # the attribute first: a finished trial takes no more attributes
+            storage.set_trial_user_attr(t._trial_id, _ATTR + "failed_because", "worker died (killed or lost)")
             flipped = storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             flipped = False
         if flipped:
-            storage.set_trial_user_attr(t._trial_id, _ATTR + "failed_because", "worker died (killed or lost)")
             _requeue(study, t)
             failed.append(t.number)
     return failed
@@ -664,13 +684,11 @@ def run(
     if overwrite:
         if storage is not None:
             raise ConfigError("--overwrite only clears the default SQLite storage; delete remote studies yourself")
-        for m in study.methods:
-            shutil.rmtree(out / m.name, ignore_errors=True)
-        (out / "sweep.db").unlink(missing_ok=True)
+        clear(study, out)
     out.mkdir(parents=True, exist_ok=True)
     url = storage or default_storage(out)
     store = open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-    selected = [study.method(n) for n in methods] if methods else list(study.methods)
+    selected = [study.method(n) for n in methods] if methods is not None else list(study.methods)
     states = [_prepare(study, m, store, log) for m in selected]
     direction = OBJECTIVES[study.objective][1]
 
@@ -693,14 +711,37 @@ def run(
             ran += 1
             running = sum(len(_running(s.search)) + len(_running(s.final)) for s in states if not s.skipped)
             progress.finished(time.monotonic() - t0, line, _best_line(state, study), running)
+        results = collect(study, states, out, url)
     finally:
         progress.close()
-    results = collect(study, states, out, url)
+        close_storage(store)
     runs.write_json(out / "sweep.json", results)
     if report:
-        results["report"] = {k: str(v) for k, v in write_report(results, out).items()}
+        results["report"] = {k: str(v) for k, v in build_report(study, results, out).items()}
         runs.write_json(out / "sweep.json", results)
     return results
+
+
+def build_report(study: Study, results: Mapping[str, Any], out: Path) -> dict[str, Path]:
+    """The study's own report (``[study] report = "module"``: its ``build_report(results, out)``),
+    else the generic one (:func:`write_report`)."""
+    if study.report:
+        import importlib
+
+        try:
+            module = importlib.import_module(study.report)
+        except ImportError as e:
+            raise ConfigError(f"study.report names module {study.report!r}, which cannot be imported: {e}") from None
+        return module.build_report(results, Path(out))
+    return write_report(results, Path(out))
+
+
+def clear(study: Study, out: str | Path) -> None:
+    """Delete the default SQLite storage and the method run directories under ``out``."""
+    out = Path(out)
+    for m in study.methods:
+        shutil.rmtree(out / m.name, ignore_errors=True)
+    (out / "sweep.db").unlink(missing_ok=True)
 
 
 def _safe_url(url: str) -> str:
@@ -717,15 +758,14 @@ def _prepare(study: Study, method: Method, store: Any, log: Callable[[str], None
     state = _MethodState(method)
     values = {k: _decode(v) for k, v in (grid_points(method)[0] if method.sampler == "grid" else {}).items()}
     cfg = method_config(study, method, values, seed=study.search_seed)
-    d = cfg.data
-    try:
+    if study.missing_data == "skip":
+        state.skipped = _data_missing(study, method)
+        if state.skipped:
+            log(f"{method.name}: skipped ({state.skipped})")
+            return state
+    else:
+        d = cfg.data
         data.load(d.name, val_fraction=d.val_fraction, seed=d.seed, root=d.root, download=d.download, **d.options)
-    except data.DatasetNotFoundError as e:
-        if study.missing_data != "skip":
-            raise
-        state.skipped = f"data set {d.name!r} not found: {str(e).splitlines()[0]}"
-        log(f"{method.name}: skipped ({state.skipped})")
-        return state
     state.steps_budget = budget_overrides(method, cfg)
     state.fingerprint = _space_hash({"space": method.space, "set": method.set, "budget": method.budget,
                                      "base": study.base, "sampler": method.sampler, "n_trials": method.n_trials,
@@ -739,6 +779,18 @@ def _prepare(study: Study, method: Method, store: Any, log: Callable[[str], None
 
         state.final = optuna.load_study(study_name=f"{study.name}/{method.name}/final", storage=store)
     return state
+
+
+def _data_missing(study: Study, method: Method) -> str | None:
+    """Why the method cannot run here (its data set is absent), or None."""
+    values = {k: _decode(v) for k, v in (grid_points(method)[0] if method.sampler == "grid" else {}).items()}
+    d = method_config(study, method, values, seed=study.search_seed).data
+    try:
+        data.load(d.name, val_fraction=d.val_fraction, seed=d.seed, root=d.root, download=d.download, **d.options)
+    except data.DatasetNotFoundError as e:
+        first = str(e).splitlines()[0].split(";")[0].strip()
+        return f"data set {d.name!r} is not on this machine ({first}; the error of bpfree.data.load({d.name!r}) says how to get it)"
+    return None
 
 
 def _running(s: Any) -> list:
@@ -884,12 +936,12 @@ def _run_trial(study: Study, state: _MethodState, trial: Any, role: str, out: Pa
         except KeyboardInterrupt:
             summary = {"status": "interrupted"}
         except Exception as e:
+            trial.set_user_attr(_ATTR + "failed_because", f"{type(e).__name__}: {e}")
             owner.tell(trial, state=TrialState.FAIL)
-            store.set_trial_user_attr(trial._trial_id, _ATTR + "failed_because", f"{type(e).__name__}: {e}")
             return f"{label}: failed ({type(e).__name__}: {e})"
     if summary.get("status") == "interrupted":
+        trial.set_user_attr(_ATTR + "failed_because", "interrupted (Ctrl-C)")
         owner.tell(trial, state=TrialState.FAIL)
-        store.set_trial_user_attr(trial._trial_id, _ATTR + "failed_because", "interrupted (Ctrl-C)")
         _requeue(owner, store.get_trial(trial._trial_id))
         raise KeyboardInterrupt
     key, direction = OBJECTIVES[study.objective]
@@ -1172,10 +1224,17 @@ def report_only(study: Study, out: str | Path, *, storage: str | None = None) ->
         with contextlib.suppress(KeyError):
             s.final = optuna.load_study(study_name=f"{study.name}/{m.name}/final", storage=store)
         if s.search is None:
-            s.skipped = "not run"
+            s.skipped = _data_missing(study, m) or "not run yet"
+        else:
+            with contextlib.suppress(ConfigError):
+                s.steps_budget = budget_overrides(m, method_config(study, m, {}, seed=study.search_seed),
+                                                  flops_per_step=lambda c: math.inf)
         states.append(s)
-    results = collect(study, states, out, url)
-    results["report"] = {k: str(v) for k, v in write_report(results, out).items()}
+    try:
+        results = collect(study, states, out, url)
+    finally:
+        close_storage(store)
+    results["report"] = {k: str(v) for k, v in build_report(study, results, out).items()}
     runs.write_json(out / "sweep.json", results)
     return results
 
