@@ -200,6 +200,9 @@ def test_cli_sweep_and_one_line_errors(tmp_path, capsys):
     assert json.loads((out / "sweep.json").read_text())["methods"][0]["n_complete"] == 2
     assert cli.main(["sweep", str(tiny(tmp_path)), "--preset", "short", "--out", str(out), "--report-only"]) == 0
     capsys.readouterr()
+    assert sweep.load_study("rike2024").name == "rike2024"  # a shipped study by name
+    assert cli.main(["sweep", "no-such-study"]) == 2
+    assert "shipped studies, usable by name: rike2024" in capsys.readouterr().err
     assert cli.main(["sweep", str(tiny(tmp_path)), "--preset", "bogus"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bpfree: error:") and "presets: short" in err and len(err.strip().splitlines()) == 1

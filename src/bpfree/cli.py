@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Study file format, storage, resume and workers: docs/sweeps.md. Re-running the same "
         "command resumes a killed sweep; more workers join with the same --storage.",
     )
-    sw.add_argument("study", type=Path, help="study TOML file (e.g. src/bpfree/studies/configs/rike2024.toml)")
+    sw.add_argument("study", type=Path, help="study TOML file, or the name of a shipped study (rike2024)")
     sw.add_argument("--preset", help="apply the study's [preset.NAME] (default: its study.default_preset)")
     sw.add_argument("--storage", help="optuna storage URL, e.g. postgresql://user:pw@host/db "
                     "(default: sqlite file OUT/sweep.db)")

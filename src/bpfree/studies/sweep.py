@@ -175,15 +175,32 @@ def apply_preset(raw: Mapping[str, Any], preset: str | None) -> dict[str, Any]:
 
 def load_study(path: str | Path, *, preset: str | None = None, overrides: Iterable[str] = ()) -> Study:
     """Read a study file, apply ``preset`` (else the study's ``default_preset``) and
-    ``--set`` overrides (dotted config keys, applied to the base config of every method)."""
+    ``--set`` overrides (dotted config keys, applied to the base config of every method).
+
+    A bare name such as ``rike2024`` that is not a file names a study shipped
+    with bpfree (``bpfree/studies/configs/NAME.toml``).
+    """
     path = Path(path)
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1:
+        shipped = shipped_studies()
+        if str(path) in shipped:
+            path = shipped[str(path)]
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"study file {str(path)!r} does not exist") from None
+        names = ", ".join(shipped_studies()) or "(none)"
+        raise ConfigError(f"study file {str(path)!r} does not exist (shipped studies, usable by name: {names})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     return from_dict(raw, preset=preset, overrides=overrides, source=str(path))
+
+
+def shipped_studies() -> dict[str, Path]:
+    """``{name: path}`` of the study files shipped in ``bpfree/studies/configs``."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("bpfree.studies") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
 
 
 def from_dict(
