@@ -208,6 +208,23 @@ def test_cli_sweep_and_one_line_errors(tmp_path, capsys):
     assert err.startswith("bpfree: error:") and "presets: short" in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_workers_share_the_default_sqlite_storage(tmp_path):
+    """``--workers 2``: a second local process joins through the same SQLite file; the grid is
+    run once in all."""
+    out = tmp_path / "w"
+    rc = subprocess.run([sys.executable, "-m", "bpfree.cli", "sweep", str(tiny(tmp_path, steps=30, model="mlp")),
+                         "--methods", "bp", "--workers", "2", "--out", str(out)], env=_worker_env(),
+                        capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr
+    storage = sweep.open_storage(sweep.default_storage(out))
+    try:
+        st = optuna.load_study(study_name="tiny/bp", storage=storage)
+        grid = sorted(json.dumps(p, sort_keys=True) for p in sweep.grid_points(sweep.load_study(tiny(tmp_path)).method("bp")))
+        assert grid_params(st) == grid and len(st.trials) == len(grid)
+    finally:
+        sweep.close_storage(storage)
+
+
 # --------------------------------------------------------------------------- resume after SIGKILL
 
 

@@ -293,16 +293,18 @@ def loss_figure(results: Mapping[str, Any], model: str, data: str) -> bytes | No
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(optimizers), squeeze=False)[0]
     colors = {"BP": "tab:blue", "FG": "tab:red"}
+    train_colors = {"BP": "lightsteelblue", "FG": "darkorange"}
     for ax, opt in zip(axes, optimizers):
         for g in ("BP", "FG"):
             m = t.get((g, model, data, opt))
             if not m or not m.get("finals"):
                 continue
             lr = tuned(m)["lr"]
-            s, v = sweep.mean_curve(m["finals"], "train")
-            ax.plot(s, v, color=colors[g], alpha=0.55, linewidth=1, label=f"{g} train (batch loss, lr {lr:.3g})")
             s, v = sweep.mean_curve(m["finals"], "val")
-            ax.plot(s, v, color=colors[g], linewidth=2, linestyle="--", marker=".", label=f"{g} validation")
+            ax.plot(s, v, color=colors[g], linewidth=1.5, linestyle="--", marker=".", alpha=0.8, zorder=2,
+                    label=f"{g} validation")
+            s, v = sweep.mean_curve(m["finals"], "train")  # drawn on top: FG's train and val curves overlap
+            ax.plot(s, v, color=train_colors[g], linewidth=1, zorder=3, label=f"{g} train (batch loss, lr {lr:.3g})")
         ax.set_yscale("log")
         ax.set(xlabel="iterations (optimizer steps)", ylabel="cross-entropy loss (log scale)", title=opt)
         ax.grid(True, which="both", alpha=0.3)
