@@ -8,12 +8,14 @@
     bpfree measure --task DATA/MODEL [--estimators SPEC,...] [--batch B] [--repeats R] [--out DIR]
     bpfree probe [--data NAME] [--estimators a,b] [--widths 64,256] [--depths 1,2] [--ks 1,4] [--out DIR]
     bpfree report RUN_OR_COMPARE_DIR... [--out DIR]
+    bpfree sweep STUDY.toml [--preset NAME] [--storage URL] [--out DIR] [--n-trials N] [--workers N]
+                 [--methods a,b] [--set KEY=VALUE ...] [--overwrite] [--report-only]
 
 Errors in what the user asked for (unknown key, estimator, data set; a
 missing data file; an existing output directory) are printed as one line to
 stderr with exit status 2. ``train`` exits 0 when the run completed, 1 when
-it diverged or failed, 130 when interrupted; ``compare`` exits 0 once its
-report is written (a diverged run is a result), 130 when interrupted.
+it diverged or failed, 130 when interrupted; ``compare`` and ``sweep`` exit 0
+once their report is written (a diverged run is a result), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from bpfree.config import ConfigError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bpfree", description="Train without backpropagation, measured against it.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,compare,measure,probe,study,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,compare,measure,probe,study,sweep,report}")
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument(
@@ -111,6 +113,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("paths", type=Path, nargs="+", help="run directories or compare directories")
     r.add_argument("--out", type=Path, help="output directory (default: the directory given, or their common parent)")
     r.add_argument("--title", help="report title")
+
+    sw = sub.add_parser(
+        "sweep",
+        help="tune every method of a study on its own (grid/TPE), re-run each best over seeds, report",
+        description="Study file format, storage, resume and workers: docs/sweeps.md. Re-running the same "
+        "command resumes a killed sweep; more workers join with the same --storage.",
+    )
+    sw.add_argument("study", type=Path, help="study TOML file, or the name of a shipped study (rike2024)")
+    sw.add_argument("--preset", help="apply the study's [preset.NAME] (default: its study.default_preset)")
+    sw.add_argument("--storage", help="optuna storage URL, e.g. postgresql://user:pw@host/db "
+                    "(default: sqlite file OUT/sweep.db)")
+    sw.add_argument("--n-trials", type=int, help="run at most N trials in this worker, then stop")
+    sw.add_argument("--workers", type=int, default=1, help="local worker processes sharing the storage (default 1)")
+    sw.add_argument("--methods", help="comma-separated method names to work on (default: all)")
+    sw.add_argument("--report-only", action="store_true", help="rebuild sweep.json and the report; train nothing")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a base config key for every method, e.g. --set train.device=cuda")
+    sw.add_argument("--out", type=Path, help="output directory (default runs/sweep-STUDY[-PRESET])")
+    sw.add_argument("--overwrite", action="store_true", help="delete the default SQLite storage and runs first")
     return p
 
 
@@ -119,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": _train, "compare": _compare, "measure": _measure, "probe": _probe, "study": _study,
-                    "report": _report}
+                    "sweep": _sweep, "report": _report}
         return commands[args.command](args)
     except (ConfigError, data.DatasetNotFoundError, runs.RunExistsError, FileNotFoundError) as e:
         print(f"bpfree: error: {_one_line(e)}", file=sys.stderr)
@@ -256,7 +277,7 @@ def _study(args: argparse.Namespace) -> int:
     preset = args.preset or studies.STUDIES.get(args.name, ("", "", ""))[2]
     out = args.out or Path("runs") / f"{args.name}-{preset}"
     if args.report_only:
-        record = studies.rebuild_report(args.name, out)
+        record = studies.rebuild_report(args.name, out, args.preset)
     else:
         record = studies.run_study(args.name, args.preset, out, overwrite=args.overwrite)
     print(f"report: {out / record['report']['html']}")
@@ -267,6 +288,43 @@ def _report(args: argparse.Namespace) -> int:
     written = report.build(args.paths, args.out, title=args.title)
     print(f"report: {written['html']}")
     print(f"        {written['markdown']}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from bpfree.studies import sweep
+
+    study = sweep.load_study(args.study, preset=args.preset, overrides=args.overrides)
+    out = args.out or Path("runs") / ("sweep-" + study.name + (f"-{study.preset}" if study.preset else ""))
+    if args.report_only:
+        results = sweep.report_only(study, out, storage=args.storage)
+    else:
+        if args.workers < 1 or (args.n_trials is not None and args.n_trials < 1):
+            raise ConfigError("--workers and --n-trials must be >= 1")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        helpers = []
+        if args.workers > 1:  # the others join the same storage; this process is worker 1
+            storage = args.storage or sweep.default_storage(out)
+            if args.overwrite:
+                if args.storage:
+                    raise ConfigError("--overwrite only clears the default SQLite storage; delete remote studies yourself")
+                sweep.clear(study, out)
+            argv = [sys.executable, "-m", "bpfree.cli", "sweep", str(args.study), "--out", str(out),
+                    "--storage", storage, *(["--preset", study.preset] if study.preset else []),
+                    *(f"--set={o}" for o in args.overrides), *(["--methods", args.methods] if args.methods else []),
+                    *(["--n-trials", str(args.n_trials)] if args.n_trials else [])]
+            out.mkdir(parents=True, exist_ok=True)
+            helpers = [subprocess.Popen(argv) for _ in range(args.workers - 1)]
+        try:
+            results = sweep.run(study, out, storage=args.storage, methods=methods, n_trials=args.n_trials,
+                                overwrite=args.overwrite and not helpers)
+        finally:
+            for h in helpers:
+                h.wait()
+    print(f"report: {results['report']['html']}")
+    print(f"        {results['report']['markdown']}")
     return 0
 
 

@@ -18,6 +18,9 @@ from bpfree.config import ConfigError
 STUDIES: dict[str, tuple[str, str, str]] = {
     "wang2025": ("bpfree.studies.wang2025",
                  "seed 001: guessed gradients (W^T, W-perp, ...) vs width on MNIST-1D", "cpu"),
+    "rike2024": ("bpfree.studies.rike2024",
+                 "seed 002: forward gradient vs backprop on MNIST (Table I), every method tuned by its own sweep",
+                 "quick"),
 }
 
 
@@ -34,11 +37,11 @@ def run_study(name: str, preset: str | None, out: str | Path, *, overwrite: bool
     return importlib.import_module(module).run_study(preset or default, out, overwrite=overwrite, log=log, **options)
 
 
-def rebuild_report(name: str, out: str | Path) -> dict[str, Any]:
+def rebuild_report(name: str, out: str | Path, preset: str | None = None) -> dict[str, Any]:
     """Rewrite the report of the finished study ``name`` in ``out`` from its saved results."""
     if name not in STUDIES:
         raise ConfigError(f"unknown study {name!r}; available: {', '.join(available())}")
     module = importlib.import_module(STUDIES[name][0])
-    if not hasattr(module, "rebuild_report"):
-        raise ConfigError(f"study {name!r} cannot rebuild its report alone; run it again (finished runs are reused)")
+    if hasattr(module, "rebuild"):  # sweeps rebuild from their storage, which the preset names
+        return module.rebuild(preset or STUDIES[name][2], Path(out))
     return module.rebuild_report(out)
