@@ -91,6 +91,6 @@ def test_study_cli_lists_studies_and_explains_bad_names(capsys):
     assert cli.main(["study", "list"]) == 0
     assert "wang2025" in capsys.readouterr().out
     assert cli.main(["study", "run", "wang2024"]) == 2
-    assert "unknown study 'wang2024'; available: wang2025" in capsys.readouterr().err
+    assert "unknown study 'wang2024'; available: rike2024, wang2025" in capsys.readouterr().err
     assert cli.main(["study", "run", "wang2025", "--preset", "gpu"]) == 2
     assert "choose one of cpu, paper, smoke" in capsys.readouterr().err
