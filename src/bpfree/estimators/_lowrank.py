@@ -227,7 +227,8 @@ def chain_directional_derivatives(
                     if mod in bias_tangents:
                         t += bias_tangents[mod].unsqueeze(1)
                     if ht is not None:  # W ẋ_k for all K at once: one (K·batch × n)(n × m) GEMM
-                        t = t.view(-1, t.shape[-1]).addmm_(ht.reshape(-1, ht.shape[-1]), mod.weight.T).view_as(t)
+                        # out of place: FlopCounterMode does not count the in-place addmm_
+                        t = torch.addmm(t.view(-1, t.shape[-1]), ht.reshape(-1, ht.shape[-1]), mod.weight.T).view_as(t)
                     h, ht = s, t
                 else:  # ReLU
                     ht = ht * (h > 0) if ht is not None else None
