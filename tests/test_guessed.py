@@ -255,3 +255,11 @@ def test_a_closure_that_runs_the_model_twice_is_refused():
 def test_bad_options_are_explained(name, options, fragment):
     with pytest.raises(ValueError, match=fragment):
         estimators.make(name, **options)
+
+
+def test_a_loss_that_uses_the_parameters_outside_the_model_is_refused():
+    model = _mlp()
+    x, y = _batch()
+    penalised = lambda: F.cross_entropy(model(x), y) + model[0].weight.square().sum()  # noqa: E731
+    with pytest.raises(UnsupportedModelError, match="outside the model's forward"):
+        estimators.make("wt_guess").estimate(model, penalised, generator=torch.Generator())

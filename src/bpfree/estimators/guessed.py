@@ -67,7 +67,9 @@ activations), no backward pass through the network.
 
 The loss must be a sum or mean of per-example terms of the model's output
 (cross-entropy, MSE), so that ∂L/∂z_b is example b's own; the directional
-derivative itself is exact for any loss of the output.
+derivative itself is exact for any loss of the output. A loss that also uses
+the parameters directly (a penalty in the closure) is refused with
+``UnsupportedModelError``: the guesses would not see that term.
 """
 
 from __future__ import annotations
@@ -415,7 +417,13 @@ class GuessedGradient(Estimator):
             check_scalar_loss(loss)
             if trace.logits is None or not loss.requires_grad:
                 raise UnsupportedModelError(f"{self.name}: the closure's loss does not depend on the model's output")
-            (dloss_dz,) = torch.autograd.grad(loss, trace.logits)
+            dloss_dz, *direct = torch.autograd.grad(loss, [trace.logits, *(p for _, p in params)], allow_unused=True)
+            if any(g is not None for g in direct):
+                raise UnsupportedModelError(
+                    f"{self.name}: the closure's loss uses the parameters outside the model's forward (e.g. a "
+                    f"penalty term); guessed gradients see the loss only through the model's output. Put the penalty "
+                    f"in the optimizer (weight_decay) or use forward_gradient, spsa or mezo."
+                )
             d = (dloss_dz * trace.tangent).sum(-1)  # per-example directional derivative d_b
             if k == 0:
                 loss_value = float(loss.detach())
