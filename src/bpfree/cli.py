@@ -179,7 +179,7 @@ def _accuracy(summary: dict) -> str:
     return f"val acc {fmt(acc)}, test acc {fmt(test)}"
 
 
-def _task_config(args: argparse.Namespace) -> Config:
+def _task_config(args: argparse.Namespace) -> config_lib.Config:
     """The base config of ``compare`` / ``measure``: ``--config``, then ``--task``, then ``--set``."""
     raw: dict = {}
     if args.config is not None:

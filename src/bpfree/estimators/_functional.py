@@ -4,6 +4,11 @@ The closure contract (``closure()`` runs ``model`` and returns the loss) lets
 an estimator evaluate the loss at other parameter values without touching the
 stored parameters: :func:`substituted` swaps tensors into the module for the
 duration of a call, exactly as ``torch.func.functional_call`` does.
+
+Estimators that propagate tangents themselves (the batched K-tangent pass,
+guessed gradients) hand the closure the model's output as a fresh autograd
+leaf (:func:`output_leaf`) and read the directional derivative off
+∂L/∂z · ż (:func:`loss_gradient_at_output`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,31 @@ class UnsupportedModelError(RuntimeError):
 
     The message names the module and op and says how to work around it.
     """
+
+
+def output_leaf(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(leaf, handed)``: a detached copy z of a model output that requires grad, and a view of
+    it to hand to the rest of the closure.
+
+    Gradients are taken with respect to the leaf; the view is what module hooks
+    see (``autograd.grad`` refuses a leaf input that FlopCounterMode's module
+    tracker registered a hook on).
+    """
+    leaf = output.detach().requires_grad_(True)
+    return leaf, leaf.view_as(leaf)
+
+
+def loss_gradient_at_output(loss: torch.Tensor, leaf: torch.Tensor,
+                            params: list[torch.Tensor]) -> torch.Tensor | None:
+    """∂L/∂z at the output leaf, or None when the loss also uses ``params`` directly.
+
+    A penalty on the parameters inside the closure is invisible to a tangent
+    carried through the model's output, so then ż · ∂L/∂z is not the
+    directional derivative and the caller must not use it. Also None when the
+    loss does not depend on z.
+    """
+    g_out, *direct = torch.autograd.grad(loss, [leaf, *params], allow_unused=True)
+    return None if any(g is not None for g in direct) else g_out
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree.estimators import directions
-from bpfree.estimators._functional import UnsupportedModelError
+from bpfree.estimators._functional import UnsupportedModelError, loss_gradient_at_output, output_leaf
 
 
 def check_rank(rank: object) -> None:
@@ -234,9 +234,8 @@ def chain_directional_derivatives(
                     ht = ht * (h > 0) if ht is not None else None
                     h = torch.relu(h)
         state["tangent"] = ht
-        out = h.detach().requires_grad_(True)
-        state["leaf"] = out
-        return out.view_as(out)
+        state["leaf"], handed = output_leaf(h)
+        return handed
 
     if "forward" in model.__dict__:
         raise NotAChainLoss
@@ -249,10 +248,8 @@ def chain_directional_derivatives(
     if state["calls"] != 1 or not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
         raise NotAChainLoss
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [state["leaf"], *params], allow_unused=True)  # type: ignore[list-item]
-    if any(g is not None for g in grads[1:]):
-        raise NotAChainLoss
-    g_out, tangent = grads[0], state["tangent"]
+    g_out = loss_gradient_at_output(loss, state["leaf"], params)  # type: ignore[arg-type]
+    tangent = state["tangent"]
     if g_out is None or tangent is None:
         raise NotAChainLoss
     d = (tangent * g_out).flatten(1).sum(1)  # type: ignore[operator]

@@ -85,8 +85,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree.estimators import directions
-from bpfree.estimators._functional import UnsupportedModelError
-from bpfree.estimators.base import Estimate, Estimator, check_positive, check_positive_int, check_scalar_loss
+from bpfree.estimators._functional import UnsupportedModelError, loss_gradient_at_output, output_leaf
+from bpfree.estimators.base import (
+    Estimate,
+    Estimator,
+    check_positive,
+    check_positive_int,
+    check_scalar_loss,
+    write_gradients,
+)
 from bpfree.estimators.registry import register
 
 SUPPORTED = (
@@ -374,9 +381,8 @@ def _guessing(layers: list[nn.Linear], guess: _Guess, gen: torch.Generator, name
         trace.inputs[i], trace.guesses[i], trace.tangent = x.detach(), u, tangent
         if i + 1 < n:
             return s
-        # a non-leaf (autograd.grad refuses leaf inputs while module hooks, e.g. FlopCounterMode's, are active)
-        trace.logits = s.detach().requires_grad_(True).view_as(s)
-        return trace.logits
+        trace.logits, handed = output_leaf(s)
+        return handed
 
     try:
         for i, layer in enumerate(layers):
@@ -417,8 +423,8 @@ class GuessedGradient(Estimator):
             check_scalar_loss(loss)
             if trace.logits is None or not loss.requires_grad:
                 raise UnsupportedModelError(f"{self.name}: the closure's loss does not depend on the model's output")
-            dloss_dz, *direct = torch.autograd.grad(loss, [trace.logits, *(p for _, p in params)], allow_unused=True)
-            if any(g is not None for g in direct):
+            dloss_dz = loss_gradient_at_output(loss, trace.logits, [p for _, p in params])
+            if dloss_dz is None:
                 raise UnsupportedModelError(
                     f"{self.name}: the closure's loss uses the parameters outside the model's forward (e.g. a "
                     f"penalty term); guessed gradients see the loss only through the model's output. Put the penalty "
@@ -435,15 +441,9 @@ class GuessedGradient(Estimator):
                         if p is None or id(p) not in trainable:
                             continue
                         grads[id(p)] = g() if k == 0 else grads[id(p)].add_(g())
-        with torch.no_grad():
-            for _, p in params:
-                g = grads[id(p)]
-                if self.num_directions > 1:
-                    g.div_(self.num_directions)
-                if p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype:
-                    p.grad.copy_(g)
-                else:
-                    p.grad = g.to(p.dtype)
+        if self.num_directions > 1:
+            torch._foreach_div_(list(grads.values()), self.num_directions)
+        write_gradients(params, [grads[id(p)] for _, p in params])
         d_stack = torch.stack(d_all)
         return Estimate(
             loss=loss_value,
