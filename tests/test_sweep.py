@@ -255,7 +255,9 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
             trials = st.get_trials()
             done = [t for t in trials if t.state == TrialState.COMPLETE]
             running = [t for t in trials if t.state == TrialState.RUNNING]
-            if len(done) >= 2 and running:
+            # kill only once the running trial has started writing its run directory: a kill
+            # between the storage's RUNNING mark and the directory's creation leaves no data to keep
+            if len(done) >= 2 and running and (out / "bp" / f"trial-{running[0].number:04d}").is_dir():
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 before = {t.number: t.datetime_complete for t in st.get_trials() if t.state == TrialState.COMPLETE}
