@@ -100,8 +100,9 @@ def _patched(modules: dict[nn.Linear, Callable[..., torch.Tensor]], model: nn.Mo
 
 def draw_factors(weight: torch.Tensor, rank: int, distribution: str,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` with V = A Bᵀ a standardised rank-``rank`` direction for ``weight`` (m × n)."""
-    m, n = weight.shape
+    """``(A, B)`` with V = A Bᵀ a standardised rank-``rank`` direction for ``weight``, read as the
+    matrix m × n with m = ``weight.shape[0]`` (output features or channels) and n the rest."""
+    m, n = weight.shape[0], weight[0].numel()
     a = directions.sample((m, rank), distribution=distribution, generator=generator, dtype=weight.dtype,
                           device=weight.device)
     b = directions.sample((n, rank), distribution=distribution, generator=generator, dtype=weight.dtype,
@@ -109,12 +110,44 @@ def draw_factors(weight: torch.Tensor, rank: int, distribution: str,
     return a.mul_(1.0 / math.sqrt(rank)), b
 
 
+# ---------------------------------------------------------------- the layer arithmetic, one place per module type
+
+def weight_term(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """V x for the direction V = A Bᵀ of ``mod``'s weight on the layer input x (no bias):
+    for ``nn.Linear`` (x B) Aᵀ, an O(batch·r·(m + n)) product; V is never built."""
+    return (x @ b) @ a.T
+
+
+def weight_terms(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """V_k x_k for K directions at once: A (K, m, r), B (K, n, r); x is the shared layer input
+    (batch, ...) or one input per direction (K, batch, ...). Returns (K, batch, ...)."""
+    if x.dim() == 2:  # shared input: (batch, n) @ (n, K·r), then each direction's A_k
+        k, n, r = b.shape
+        xb = (x @ b.permute(1, 0, 2).reshape(n, k * r)).view(x.shape[0], k, r).transpose(0, 1)
+    else:
+        xb = torch.bmm(x, b)
+    return torch.bmm(xb, a.transpose(1, 2))
+
+
+def weight_apply(mod: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """W t (no bias) for a tensor with a leading direction axis (K, batch, ...), as one GEMM.
+
+    Out of place (``addmm``/``mm``, not ``addmm_``): ``FlopCounterMode`` does not count in-place
+    matmuls, and every FLOP must be counted.
+    """
+    return (t.reshape(-1, t.shape[-1]) @ mod.weight.T).view(*t.shape[:-1], mod.weight.shape[0])
+
+
 def perturbed(shifts: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor, float]],
               model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Within the block, each Linear computes (W + s·A Bᵀ)x + b as Wx + b + s·(x B) Aᵀ."""
 
     def make(mod: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float) -> Callable[..., torch.Tensor]:
-        return lambda x: F.linear(x, mod.weight, mod.bias) + scale * ((x @ b) @ a.T)
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = type(mod).forward(mod, x)  # the class's forward, not this instance-level patch
+            return out.add_(weight_term(mod, x, a, b), alpha=scale)  # in place: no third activation-sized buffer
+
+        return forward
 
     return _patched({mod: make(mod, a, b, scale) for mod, (a, b, scale) in shifts.items()}, model)
 
@@ -128,9 +161,9 @@ def write_gradient(weight: torch.Tensor, weights: torch.Tensor, factors: list[tu
     a = a * weights.to(a.dtype).repeat_interleave(rank)
     g = weight.grad
     if g is not None and g.shape == weight.shape and g.dtype == weight.dtype and g.is_contiguous():
-        torch.mm(a, b.T, out=g)
+        torch.mm(a, b.T, out=g.view(a.shape[0], -1))
     else:
-        weight.grad = a @ b.T
+        weight.grad = (a @ b.T).view(weight.shape)
 
 
 def with_tangents(tangents: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]],
@@ -150,7 +183,7 @@ def with_tangents(tangents: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]],
             xp, xt = fwAD.unpack_dual(x)
             bias_p, bias_t = fwAD.unpack_dual(mod.bias) if mod.bias is not None else (None, None)
             y = F.linear(xp, mod.weight, bias_p)
-            t = (xp @ b) @ a.T
+            t = weight_term(mod, xp, a, b)
             if xt is not None:
                 t = t + F.linear(xt, mod.weight)
             if bias_t is not None:
@@ -222,13 +255,11 @@ def chain_directional_derivatives(
                     if h.dim() != 2:
                         raise NotAChainLoss
                     s = F.linear(h, mod.weight, mod.bias)
-                    hb = torch.einsum("bn,knr->kbr", h, b)
-                    t = torch.bmm(hb, a.transpose(1, 2))  # (K, batch, m) = A_k (B_kᵀ x)
+                    t = weight_terms(mod, h, a, b)  # (K, batch, m) = A_k (B_kᵀ x)
                     if mod in bias_tangents:
                         t += bias_tangents[mod].unsqueeze(1)
                     if ht is not None:  # W ẋ_k for all K at once: one (K·batch × n)(n × m) GEMM
-                        # out of place: FlopCounterMode does not count the in-place addmm_
-                        t = torch.addmm(t.view(-1, t.shape[-1]), ht.reshape(-1, ht.shape[-1]), mod.weight.T).view_as(t)
+                        t += weight_apply(mod, ht)
                     h, ht = s, t
                 else:  # ReLU
                     ht = ht * (h > 0) if ht is not None else None
