@@ -121,12 +121,29 @@ def weight_term(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 def weight_terms(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """V_k x_k for K directions at once: A (K, m, r), B (K, n, r); x is the shared layer input
     (batch, ...) or one input per direction (K, batch, ...). Returns (K, batch, ...)."""
-    if x.dim() == 2:  # shared input: (batch, n) @ (n, K·r), then each direction's A_k
-        k, n, r = b.shape
-        xb = (x @ b.permute(1, 0, 2).reshape(n, k * r)).view(x.shape[0], k, r).transpose(0, 1)
-    else:
-        xb = torch.bmm(x, b)
+    xb = _project(x, b)
+    if a.shape[-1] == 1:  # an outer product: elementwise (bmm with an inner size of 1 is ~10x slower on CPU)
+        return xb * a.transpose(1, 2)
     return torch.bmm(xb, a.transpose(1, 2))
+
+
+def add_weight_terms_(out: torch.Tensor, mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      scales: torch.Tensor) -> torch.Tensor:
+    """out_k += s_k V_k x_k in place for per-direction inputs x (K, batch, ...); ``scales`` (K,).
+
+    Rank 1 adds the outer product without building it (no activation-sized temporary)."""
+    if a.shape[-1] == 1:
+        xb = _project(x, b).mul_(scales.view(-1, 1, 1))
+        return out.addcmul_(xb, a.transpose(1, 2))
+    return out.addcmul_(scales.view(-1, *[1] * (out.dim() - 1)), weight_terms(mod, x, a, b))
+
+
+def _project(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Bᵀx for every direction: (K, batch, r), from a shared x (batch, n) or per-direction x (K, batch, n)."""
+    k, n, r = b.shape
+    if x.dim() == 2:  # shared input: one (batch, n)(n, K·r) GEMM
+        return (x @ b.permute(1, 0, 2).reshape(n, k * r)).view(x.shape[0], k, r).transpose(0, 1)
+    return torch.bmm(b.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)  # (K, r, n)(K, n, batch): ~3x faster
 
 
 def weight_apply(mod: nn.Module, t: torch.Tensor) -> torch.Tensor:
