@@ -107,8 +107,10 @@ def test_groups_of_branches_give_the_same_losses():
         bias_directions={m: torch.randn(k, m.out_features, generator=g, dtype=torch.float64) for m in layers},
         scales=[1e-3] * k + [-1e-3] * k + [0.0], direction=[*range(k), *range(k), 0])
     together = _chain.chain_losses(prob.model, chain, prob.closure, branches, max_branches=11)
-    grouped = _chain.chain_losses(prob.model, chain, prob.closure, branches, max_branches=3)
-    torch.testing.assert_close(together, grouped, rtol=1e-13, atol=0)
+    for max_branches, share in [(3, "always"), (1, "never"), (4, "if_small"), (2, "never")]:
+        grouped = _chain.chain_losses(prob.model, chain, prob.closure, branches, max_branches=max_branches,
+                                      share_prefix=share)
+        torch.testing.assert_close(together, grouped, rtol=1e-13, atol=0)
     # every branch is the closure at θ + s·v, computed with the materialised direction
     for j in (0, k + 2, 2 * k):
         dk, s = branches.direction[j], branches.scales[j]
@@ -146,3 +148,24 @@ def test_one_pass_shares_the_first_layer():
     step = flops(lambda: est.estimate(model, closure, generator=torch.Generator().manual_seed(0)))
     assert step < 2 * forward - 0.9 * first  # the rank-1 terms add O(batch·(m + n)) per layer and branch
     assert step > 2 * forward - first  # every other matmul is still counted
+
+
+def test_mezo_update_mode_holds_no_more_than_inference():
+    """MeZO's memory path: branches one at a time from the input, terms added in place."""
+    from bpfree.measure.memory import measure_step_memory
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    x, y = torch.randn(64, 1, 28, 28), torch.arange(64) % 10
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    with torch.no_grad():
+        inference = measure_step_memory(closure, model=model)
+    est, g = estimators.make("mezo", lr=1e-4), torch.Generator().manual_seed(0)
+    assert est.estimate(model, closure, generator=g).details["one_pass"]
+    step = measure_step_memory(lambda: est.estimate(model, closure, generator=g), model=model)
+    assert step.peak_bytes <= 1.02 * inference.peak_bytes
+    assert all(p.grad is None for p in model.parameters())

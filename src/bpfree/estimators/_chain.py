@@ -20,9 +20,11 @@ so the J branches differ only by a term that costs O(batch·r·(m + n)), and:
   into the batch (J·batch rows): one GEMM instead of J small ones, and one
   Python dispatch per module instead of J.
 
-With ``share_prefix=False`` every branch starts from the input and terms are
+With ``share_prefix="never"`` every branch starts from the input and terms are
 added in place, so a group of one branch holds no more than inference does
-(MeZO's update mode: its peak is 1.00x inference on seed 002's MLP).
+(MeZO's update mode: its peak is 1.00x inference on seed 002's MLP);
+``"if_small"`` shares only where the held activation is no larger than the
+first layer's weight (MeZO's grad mode).
 
 The losses equal the sequential evaluation's up to floating-point rounding
 (the same arithmetic, associated differently). The model's output for branch j
@@ -44,7 +46,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bpfree.estimators._lowrank import add_weight_terms_, weight_terms
+from bpfree.estimators._lowrank import add_projected_, add_weight_terms_, project
 
 # Layers whose weight and bias may carry a perturbation, and parameter-free
 # modules that act on each example separately (so branches can share a batch).
@@ -96,18 +98,6 @@ class Branches:
         return mod in self.weight_factors or mod in self.bias_directions
 
 
-def _layer_term(mod: nn.Module, x: torch.Tensor, branches: Branches, out_dim: int) -> torch.Tensor:
-    """V_k x + δb_k for all K directions on the shared layer input x (batch, ...): (K or 1, batch, ...)."""
-    term = None
-    if mod in branches.weight_factors:
-        _check_input(mod, x, per_direction=False)
-        term = weight_terms(mod, x, *branches.weight_factors[mod])
-    if mod in branches.bias_directions:
-        db = _bias_shape(branches.bias_directions[mod], out_dim)
-        term = db if term is None else term.add_(db)
-    return term
-
-
 def _add_layer_terms_(out: torch.Tensor, mod: nn.Module, x: torch.Tensor, branches: Branches,
                       dirs: torch.Tensor, scales: torch.Tensor) -> None:
     """out_j += s_j (V_{k_j} x_j + δb_{k_j}) in place, for per-branch inputs x (J, batch, ...)."""
@@ -115,9 +105,22 @@ def _add_layer_terms_(out: torch.Tensor, mod: nn.Module, x: torch.Tensor, branch
         _check_input(mod, x, per_direction=True)
         a, b = branches.weight_factors[mod]
         add_weight_terms_(out, mod, x, _pick(a, dirs), _pick(b, dirs), scales)
+    _add_bias_terms_(out, mod, branches, dirs, scales)
+
+
+def _add_bias_terms_(out: torch.Tensor, mod: nn.Module, branches: Branches, dirs: torch.Tensor,
+                     scales: torch.Tensor) -> None:
     if mod in branches.bias_directions:
-        db = _bias_shape(_pick(branches.bias_directions[mod], dirs), out.dim() - 1)
+        db = _pick(branches.bias_directions[mod], dirs)  # (J, m) → (J, 1, m, 1, ...) over batch and space
+        db = db.view(db.shape[0], 1, db.shape[1], *[1] * (out.dim() - 3))
         out.addcmul_(scales.view(-1, *[1] * (out.dim() - 1)), db)
+
+
+def _out_numel(layer: nn.Module, x: torch.Tensor) -> int:
+    """Elements of the layer's output on x, without running it."""
+    if isinstance(layer, nn.Linear):
+        return x.shape[0] * layer.out_features
+    raise TypeError(f"no output size rule for {type(layer).__name__}")
 
 
 def _pick(t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
@@ -130,45 +133,51 @@ def _check_input(mod: nn.Module, x: torch.Tensor, per_direction: bool) -> None:
         raise NotAChain
 
 
-def _bias_shape(db: torch.Tensor, out_dim: int) -> torch.Tensor:
-    """(K, m) bias directions as (K, 1, m, 1, ...): broadcast over the batch and any spatial dims."""
-    return db.view(db.shape[0], 1, db.shape[1], *[1] * (out_dim - 2))
+SHARING = ("always", "if_small", "never")
 
 
 class _BranchedForward:
-    """Runs the chain for groups of branches, sharing the prefix computed from the first input."""
+    """Runs the chain for groups of branches, from a prefix shared by all of them or from the input."""
 
-    def __init__(self, chain: list[nn.Module], branches: Branches, share_prefix: bool) -> None:
+    def __init__(self, chain: list[nn.Module], branches: Branches, share_prefix: str) -> None:
+        if share_prefix not in SHARING:
+            raise ValueError(f"share_prefix must be one of {', '.join(SHARING)}, got {share_prefix!r}")
         self.chain, self.branches, self.share_prefix = chain, branches, share_prefix
         self.first = next((i for i, m in enumerate(chain) if branches.perturbs(m)), None)
 
     def share(self, x: torch.Tensor) -> None:
-        """Run the unperturbed prefix and the first perturbed layer's W x + b and K terms once."""
-        if not self.share_prefix and self.first is not None:
-            self.input = x
-            return
-        if self.first is None:  # nothing is perturbed: every branch is the plain model
-            self.shared, self.terms = x, None
-            for mod in self.chain:
-                self.shared = mod(self.shared)
+        """Run the unperturbed prefix and the first perturbed layer's W x + b (and its Bᵀx) once.
+
+        ``if_small`` shares only when that layer's output is no larger than its weight
+        (for a Linear: batch ≤ fan-in), so the held activation costs at most what the
+        layer's own parameters do; a first convolution's large output is not held."""
+        self.input, self.shared = x, None
+        if self.first is None or self.share_prefix == "never":
             return
         for mod in self.chain[: self.first]:
             x = mod(x)
         layer = self.chain[self.first]
+        if self.share_prefix == "if_small" and _out_numel(layer, x) > layer.weight.numel():
+            return
         self.shared = type(layer).forward(layer, x)
-        self.terms = _layer_term(layer, x, self.branches, self.shared.dim())
+        if layer in self.branches.weight_factors:
+            _check_input(layer, x, per_direction=False)
+            self.proj = project(layer, x, self.branches.weight_factors[layer][1])
 
     def outputs(self, js: list[int]) -> torch.Tensor:
         """The model's outputs for branches ``js``, stacked (len(js), batch, ...)."""
-        if self.first is None:
-            return self.shared.unsqueeze(0).expand(len(js), *self.shared.shape)
-        like = self.input if not self.share_prefix else self.shared
+        like = self.input
         dirs = torch.tensor([self.branches.direction[j] for j in js], device=like.device)
         scales = torch.tensor([self.branches.scales[j] for j in js], dtype=like.dtype, device=like.device)
-        if self.share_prefix:
-            h = torch.addcmul(self.shared.unsqueeze(0), _over(scales, self.shared.dim() + 1), _pick(self.terms, dirs))
+        if self.shared is not None:  # from the first layer's shared W x + b
+            layer = self.chain[self.first]
+            h = self.shared.unsqueeze(0).repeat(len(js), *[1] * self.shared.dim())
+            if layer in self.branches.weight_factors:
+                add_projected_(h, layer, _pick(self.proj, dirs), _pick(self.branches.weight_factors[layer][0], dirs),
+                               scales)
+            _add_bias_terms_(h, layer, self.branches, dirs, scales)
             rest = self.chain[self.first + 1:]
-        else:  # every branch from the input: memory as inference's, plus one term at a time
+        else:  # every branch from the input; terms added in place: memory as inference's
             h, rest = self.input.unsqueeze(0).expand(len(js), *self.input.shape), self.chain
         for mod in rest:
             j, batch = h.shape[:2]
@@ -180,13 +189,8 @@ class _BranchedForward:
         return h
 
 
-def _over(scales: torch.Tensor, dim: int) -> torch.Tensor:
-    """(J,) scales shaped (J, 1, ..., 1) to broadcast over a (J, batch, ...) tensor of ``dim`` dims."""
-    return scales.view(-1, *[1] * (dim - 1))
-
-
 def chain_losses(model: nn.Sequential, chain: list[nn.Module], closure: Callable[[], torch.Tensor],
-                 branches: Branches, max_branches: int = MAX_BRANCHES, share_prefix: bool = True) -> torch.Tensor:
+                 branches: Branches, max_branches: int = MAX_BRANCHES, share_prefix: str = "always") -> torch.Tensor:
     """The closure's loss at every branch, (J,) in float64, from one pass per group of branches.
 
     The closure runs once per branch, with grad enabled so that a loss that uses

@@ -121,29 +121,37 @@ def weight_term(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 def weight_terms(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """V_k x_k for K directions at once: A (K, m, r), B (K, n, r); x is the shared layer input
     (batch, ...) or one input per direction (K, batch, ...). Returns (K, batch, ...)."""
-    xb = _project(x, b)
+    xb = project(mod, x, b)
     if a.shape[-1] == 1:  # an outer product: elementwise (bmm with an inner size of 1 is ~10x slower on CPU)
         return xb * a.transpose(1, 2)
     return torch.bmm(xb, a.transpose(1, 2))
 
 
-def add_weight_terms_(out: torch.Tensor, mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                      scales: torch.Tensor) -> torch.Tensor:
-    """out_k += s_k V_k x_k in place for per-direction inputs x (K, batch, ...); ``scales`` (K,).
-
-    Rank 1 adds the outer product without building it (no activation-sized temporary)."""
-    if a.shape[-1] == 1:
-        xb = _project(x, b).mul_(scales.view(-1, 1, 1))
-        return out.addcmul_(xb, a.transpose(1, 2))
-    return out.addcmul_(scales.view(-1, *[1] * (out.dim() - 1)), weight_terms(mod, x, a, b))
-
-
-def _project(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Bᵀx for every direction: (K, batch, r), from a shared x (batch, n) or per-direction x (K, batch, n)."""
+def project(mod: nn.Module, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B_kᵀ x for every direction, the cheap half of V_k x = A_k (B_kᵀ x): (K, batch, r), from a
+    shared x (batch, n) or per-direction x (K, batch, n)."""
     k, n, r = b.shape
     if x.dim() == 2:  # shared input: one (batch, n)(n, K·r) GEMM
         return (x @ b.permute(1, 0, 2).reshape(n, k * r)).view(x.shape[0], k, r).transpose(0, 1)
     return torch.bmm(b.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)  # (K, r, n)(K, n, batch): ~3x faster
+
+
+def add_projected_(out: torch.Tensor, mod: nn.Module, xb: torch.Tensor, a: torch.Tensor,
+                   scales: torch.Tensor) -> torch.Tensor:
+    """out_k += s_k A_k xb_k in place, for projections xb = :func:`project` (K, batch, r) and
+    ``scales`` (K,). Rank 1 adds the outer product without building it."""
+    xb = xb * scales.view(-1, 1, 1)
+    if a.shape[-1] == 1:
+        return out.addcmul_(xb, a.transpose(1, 2))
+    return out.baddbmm_(xb, a.transpose(1, 2))
+
+
+def add_weight_terms_(out: torch.Tensor, mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      scales: torch.Tensor) -> torch.Tensor:
+    """out_k += s_k V_k x_k in place for per-direction inputs x (K, batch, ...); no activation-sized
+    temporary. (In-place products are not seen by ``FlopCounterMode``; they are O(batch·r·m), under
+    0.2% of the layer's GEMM for r = 1 and widths ≥ 512.)"""
+    return add_projected_(out, mod, project(mod, x, b), a, scales)
 
 
 def weight_apply(mod: nn.Module, t: torch.Tensor) -> torch.Tensor:

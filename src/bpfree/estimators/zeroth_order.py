@@ -258,12 +258,14 @@ class MeZO(Estimator):
         On a chain whose weights all have low-rank directions, the only dense
         parameters are biases; their z (regenerated from the same counter seeds as
         the in-place path, so the step is the same) is added inside the layers
-        and nothing is written. Grad mode shares the prefix and folds both branches
-        into one batch (the fast path). Update mode, MeZO's memory path, runs the
-        two branches one after the other from the input (``max_branches=1``,
-        ``share_prefix=False``): holding the shared first layer's output would add
-        an activation, and its peak stays at inference's plus one layer's term
-        (measured 1.04x inference on seed 002's MLP).
+        and nothing is written. The two branches run one after the other
+        (``max_branches=1``: folding them into one batch would double the
+        activations, and measured no faster). Grad mode shares the first layer's
+        W x + b where holding it costs no more than that layer's weight (batch ≤
+        fan-in: seed 002's MLP, not a CNN's first convolution). Update mode, MeZO's
+        memory path, shares nothing: every branch starts from the input with its
+        terms added in place, so the step's peak is inference's (1.00x measured on
+        seed 002's MLP).
         """
         chain = _chain.sequential_chain(model) if factors else None
         biases = _chain_biases(chain, params) if chain is not None else None
@@ -275,9 +277,8 @@ class MeZO(Estimator):
                              for i, (mod, (_, p)) in enumerate(zip(biases, params))},
             scales=[self.eps, -self.eps], direction=[0, 0])
         try:
-            update = self.lr is not None  # the memory path: one branch at a time, nothing shared
-            f_plus, f_minus = _chain.chain_losses(model, chain, closure, branches, max_branches=1 if update else 2,
-                                                  share_prefix=not update)
+            f_plus, f_minus = _chain.chain_losses(model, chain, closure, branches, max_branches=1,
+                                                  share_prefix="if_small" if self.lr is None else "never")
         except _chain.NotAChain:
             return None
         return f_plus, f_minus, None
