@@ -6,8 +6,9 @@ practice: untimed warm-up first, then the candidates are **interleaved**
 drifts and order effects hit all of them alike), and the **median** with its
 interquartile range is reported rather than the mean.
 
-On CUDA, ``torch.cuda.synchronize()`` brackets each timed call (kernels are
-asynchronous); on CPU, ``time.perf_counter`` suffices.
+On CUDA each call is timed with CUDA events recorded on the current stream
+before and after it (kernels are asynchronous, so host clocks would time the
+launches), after a ``torch.cuda.synchronize()``; on CPU, ``time.perf_counter``.
 """
 
 from __future__ import annotations
@@ -40,12 +41,28 @@ class Timing:
                 "repeats": len(self.samples_ms)}
 
 
-def _synchronizer(device: str | None) -> Callable[[], None]:
+def _timer(device: str | None) -> Callable[[Callable[[], object]], float]:
+    """``time(fn) -> ms``: CUDA events on a CUDA device, ``time.perf_counter`` otherwise."""
     if device is not None and str(device).startswith("cuda"):
         import torch  # noqa: PLC0415
 
-        return torch.cuda.synchronize
-    return lambda: None
+        def cuda_time(fn: Callable[[], object]) -> float:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        return cuda_time
+
+    def cpu_time(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000.0
+
+    return cpu_time
 
 
 def time_interleaved(
@@ -58,19 +75,14 @@ def time_interleaved(
     """Time each candidate ``repeats`` times, interleaved, after ``warmup`` untimed calls each."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    sync = _synchronizer(device)
+    timed = _timer(device)
     labels = list(candidates)
     for label in labels:
         for _ in range(warmup):
             candidates[label]()
-    sync()
     samples: dict[str, list[float]] = {label: [] for label in labels}
     for r in range(repeats):
         order = labels[r % len(labels):] + labels[: r % len(labels)]
         for label in order:
-            sync()
-            t0 = time.perf_counter()
-            candidates[label]()
-            sync()
-            samples[label].append((time.perf_counter() - t0) * 1000.0)
+            samples[label].append(timed(candidates[label]))
     return {label: Timing(label, samples[label]) for label in labels}
