@@ -57,7 +57,7 @@ class ForwardGradient(Estimator):
 
     def __post_init__(self) -> None:
         check_positive_int("num_directions", self.num_directions)
-        directions.check_distribution(self.distribution)
+        directions.check_distribution(self.distribution, orthogonal=self.orthogonal)
         if self.jvp_clip is not None:
             check_positive("jvp_clip", self.jvp_clip)
         _lowrank.check_rank(self.rank)
