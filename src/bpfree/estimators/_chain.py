@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bpfree.estimators._lowrank import add_projected_, add_weight_terms_, project
+from bpfree.estimators._lowrank import add_projected, add_weight_terms_, project
 
 # Layers whose weight and bias may carry a perturbation, and parameter-free
 # modules that act on each example separately (so branches can share a batch).
@@ -171,10 +171,12 @@ class _BranchedForward:
         scales = torch.tensor([self.branches.scales[j] for j in js], dtype=like.dtype, device=like.device)
         if self.shared is not None:  # from the first layer's shared W x + b
             layer = self.chain[self.first]
-            h = self.shared.unsqueeze(0).repeat(len(js), *[1] * self.shared.dim())
-            if layer in self.branches.weight_factors:
-                add_projected_(h, layer, _pick(self.proj, dirs), _pick(self.branches.weight_factors[layer][0], dirs),
-                               scales)
+            h = self.shared.unsqueeze(0)
+            if layer in self.branches.weight_factors:  # one new (J', batch, ...) tensor: W x + b + s A(Bᵀx)
+                h = add_projected(h, layer, _pick(self.proj, dirs), _pick(self.branches.weight_factors[layer][0], dirs),
+                                  scales)
+            if h.shape[0] != len(js):  # only the bias is perturbed
+                h = h.repeat(len(js), *[1] * self.shared.dim())
             _add_bias_terms_(h, layer, self.branches, dirs, scales)
             rest = self.chain[self.first + 1:]
         else:  # every branch from the input; terms added in place: memory as inference's

@@ -136,14 +136,15 @@ def project(mod: nn.Module, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(b.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)  # (K, r, n)(K, n, batch): ~3x faster
 
 
-def add_projected_(out: torch.Tensor, mod: nn.Module, xb: torch.Tensor, a: torch.Tensor,
-                   scales: torch.Tensor) -> torch.Tensor:
-    """out_k += s_k A_k xb_k in place, for projections xb = :func:`project` (K, batch, r) and
-    ``scales`` (K,). Rank 1 adds the outer product without building it."""
+def add_projected(base: torch.Tensor, mod: nn.Module, xb: torch.Tensor, a: torch.Tensor, scales: torch.Tensor,
+                  *, inplace: bool = False) -> torch.Tensor:
+    """base_k + s_k A_k xb_k for projections xb = :func:`project` (K, batch, r) and ``scales`` (K,);
+    ``base`` may broadcast (e.g. (1, batch, m) shared by every direction). In place into
+    ``base`` with ``inplace=True``. Rank 1 adds the outer product without building it."""
     xb = xb * scales.view(-1, 1, 1)
     if a.shape[-1] == 1:
-        return out.addcmul_(xb, a.transpose(1, 2))
-    return out.baddbmm_(xb, a.transpose(1, 2))
+        return base.addcmul_(xb, a.transpose(1, 2)) if inplace else torch.addcmul(base, xb, a.transpose(1, 2))
+    return base.baddbmm_(xb, a.transpose(1, 2)) if inplace else torch.baddbmm(base, xb, a.transpose(1, 2))
 
 
 def add_weight_terms_(out: torch.Tensor, mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -151,7 +152,7 @@ def add_weight_terms_(out: torch.Tensor, mod: nn.Module, x: torch.Tensor, a: tor
     """out_k += s_k V_k x_k in place for per-direction inputs x (K, batch, ...); no activation-sized
     temporary. (In-place products are not seen by ``FlopCounterMode``; they are O(batch·r·m), under
     0.2% of the layer's GEMM for r = 1 and widths ≥ 512.)"""
-    return add_projected_(out, mod, project(mod, x, b), a, scales)
+    return add_projected(out, mod, project(mod, x, b), a, scales, inplace=True)
 
 
 def weight_apply(mod: nn.Module, t: torch.Tensor) -> torch.Tensor:
