@@ -10,14 +10,20 @@ For seed 002's MLP (784-1024-1024-10) or MNIST CNN, one interleaved run
 * the pieces a step cannot avoid: one and two forward passes without autograd
   (SPSA/MeZO's arithmetic), forward + backward (backprop), writing one dense
   gradient-sized buffer (every estimator that fills ``p.grad``), and the
-  in-place rank-1 update of every Linear weight (MeZO's update mode);
+  in-place rank-1 update of every low-rank (Linear and plain Conv2d) weight
+  (MeZO's update mode);
 * a **floor** per estimator = the sum of its unavoidable pieces, so the
   printed "overhead" column is what implementation could still remove.
 
-The FLOP floor of K tangents is printed too: with rank-1 directions, a
-forward-mode pass costs the primal F plus, per tangent, the matmuls W ẋ of
-every layer after the first (the first layer's input has no tangent), so
-K = 16 costs (F + 16·T) against (F + T) for K = 1, T the tangent FLOPs.
+The FLOP floor of K tangents is printed too (``_lowrank.chain_flops``, the
+analytic count, beside ``FlopCounterMode``'s count of the batched pass and of
+the whole steps): with rank-1 directions, the batched K-tangent pass costs the
+primal F plus, per tangent, T = the products W ẋ of every layer after the
+first (the first layer's input has no tangent) and the small low-rank terms
+V x = A(Bᵀx), so K = 16 costs F + 16·T against F + T for K = 1. Any
+forward-mode pass that carries each direction's tangent through every layer
+does at least this arithmetic, so (F + 16T)/(F + T) is the floor of the
+K=16 / K=1 step ratio in FLOPs for this method.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import estimators, models
-from bpfree.measure.flops import count_flops
+from bpfree.estimators import _lowrank
+from bpfree.measure.flops import count_flops, step_flops
 from bpfree.measure.timing import time_interleaved
 
 TASKS = {"mlp": ("mlp", {"hidden": (1024, 1024)}), "cnn": ("cnn_mnist", {})}
@@ -50,8 +57,8 @@ def main() -> None:
     params = [p for p in model.parameters()]
     grad_buffers = [torch.empty_like(p) for p in params]
     src = [torch.randn_like(p) for p in params]
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    factors = [(torch.randn(m.out_features), torch.randn(m.in_features)) for m in linears]
+    layers = [m for m in model.modules() if _lowrank.lowrank_eligible(m)]  # Linear and plain Conv2d
+    factors = [(torch.randn(m.weight.shape[0]), torch.randn(m.weight[0].numel())) for m in layers]
 
     def forward():
         with torch.no_grad():
@@ -69,8 +76,8 @@ def main() -> None:
 
     def rank1_update():
         with torch.no_grad():
-            for m, (a, b) in zip(linears, factors):
-                m.weight.addr_(a, b, alpha=-1e-12)
+            for m, (a, b) in zip(layers, factors):
+                m.weight.view(a.shape[0], -1).addr_(a, b, alpha=-1e-12)
 
     gen = torch.Generator().manual_seed(0)
     steps = {
@@ -87,7 +94,7 @@ def main() -> None:
         "piece: 2 forwards (no grad)": two_forwards,
         "piece: forward + backward": forward_backward,
         "piece: write a dense gradient": write_dense_gradient,
-        "piece: rank-1 update of every Linear": rank1_update,
+        "piece: rank-1 update of every low-rank weight": rank1_update,
     }
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"task {args.task}, batch {args.batch}, {args.repeats} interleaved repeats\n")
@@ -97,7 +104,7 @@ def main() -> None:
         "backprop": t["piece: forward + backward"],
         "spsa": t["piece: 2 forwards (no grad)"] + t["piece: write a dense gradient"],
         "mezo": t["piece: 2 forwards (no grad)"] + t["piece: write a dense gradient"],
-        "mezo update (no .grad)": t["piece: 2 forwards (no grad)"] + t["piece: rank-1 update of every Linear"],
+        "mezo update (no .grad)": t["piece: 2 forwards (no grad)"] + t["piece: rank-1 update of every low-rank weight"],
     }
     print("| what | ms | / backprop step | floor (ms) | floor / backprop | overhead above floor |")
     print("|---|---|---|---|---|---|")
@@ -107,14 +114,38 @@ def main() -> None:
         cells += [f"{fl:.2f}", f"{fl / bp:.2f}", f"{(ms - fl) / bp:+.2f}"] if fl is not None else ["", "", ""]
         print("| " + " | ".join(cells) + " |")
 
-    fwd = count_flops(lambda: forward())
-    first = linears[0] if args.task == "mlp" else None
-    if first is not None:
-        tangent = fwd - 2 * args.batch * first.in_features * first.out_features
-        k1, k16 = fwd + tangent, fwd + 16 * tangent
-        print(f"\nFLOP floor of batched rank-1 tangents: forward F = {fwd / 1e6:.1f} MFLOP, tangent T = "
-              f"{tangent / 1e6:.1f} MFLOP (no first-layer W·ẋ); K=16 / K=1 >= (F + 16T)/(F + T) = {k16 / k1:.2f}x; "
-              f"one pass per direction (as now) costs 16(F + T)/(F + T) = 16x in FLOPs")
+    print_flop_floor(model, closure, (args.batch, 1, 28, 28), count_flops(forward))
+
+
+def print_flop_floor(model: nn.Sequential, closure, input_shape: tuple[int, ...], forward_flops: int) -> None:
+    """The K=16 / K=1 FLOP floor of the batched tangent pass: analytic, and as FlopCounterMode counts
+    the pass itself and the whole forward_gradient steps (which add the gradient writes)."""
+    chain = _lowrank.tangent_chain(model)
+    fwd, tangent = _lowrank.chain_flops(chain, input_shape, rank=1)
+    assert fwd == forward_flops, (fwd, forward_flops)  # the analytic primal is what the counter sees
+
+    def pass_flops(k: int) -> int:
+        gen = torch.Generator().manual_seed(0)
+        factors, biases = {}, {}
+        for m in chain:
+            if type(m) in (nn.Linear, nn.Conv2d):
+                fs = [_lowrank.draw_factors(m.weight, 1, "rademacher", gen) for _ in range(k)]
+                factors[m] = (torch.stack([a for a, _ in fs]), torch.stack([b for _, b in fs]))
+                biases[m] = torch.randn(k, m.weight.shape[0], generator=gen)
+        return count_flops(lambda: _lowrank.chain_directional_derivatives(model, chain, closure, factors, biases))
+
+    measured = {k: pass_flops(k) for k in (1, 16)}
+    steps = {k: step_flops(estimators.make("forward_gradient", num_directions=k), model, closure).step for k in (1, 16)}
+    print(f"\nFLOP floor of rank-1 tangents: forward F = {fwd / 1e6:.1f} MFLOP, per tangent T = {tangent / 1e6:.1f} "
+          f"MFLOP (W·ẋ of every layer after the first + A(Bᵀx)); T/F = {tangent / fwd:.3f}")
+    k1, k16 = fwd + tangent, fwd + 16 * tangent
+    print(f"  analytic  K=1: F + T = {k1 / 1e6:.1f} MFLOP, K=16: F + 16T = {k16 / 1e6:.1f} MFLOP, "
+          f"ratio (F + 16T)/(F + T) = {k16 / k1:.3f}x")
+    print(f"  counted, the batched pass alone: K=1 {measured[1] / 1e6:.1f}, K=16 {measured[16] / 1e6:.1f} MFLOP, "
+          f"ratio {measured[16] / measured[1]:.3f}x")
+    print(f"  counted, whole steps (K=1 is one forward-mode pass, K=16 the batched pass; + gradient writes): "
+          f"K=1 {steps[1] / 1e6:.1f}, K=16 {steps[16] / 1e6:.1f} MFLOP, ratio {steps[16] / steps[1]:.3f}x")
+    print("  one forward-mode pass per direction would cost 16(F + T)/(F + T) = 16x")
 
 
 if __name__ == "__main__":

@@ -46,10 +46,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bpfree.estimators._lowrank import add_projected, add_weight_terms_, project
+from bpfree.estimators._lowrank import _factor_features, _mix, weight_terms
 
 # Layers whose weight and bias may carry a perturbation, and parameter-free
 # modules that act on each example separately (so branches can share a batch).
+# Not Conv2d: zeroth order perturbs a convolution through a temporary weight
+# W + s·A Bᵀ (``_lowrank.perturbed``: cheaper than the activation-sized term),
+# one per branch, so its branches cannot share one folded convolution.
 LAYERS = (nn.Linear,)
 PER_EXAMPLE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Flatten,
                nn.MaxPool2d, nn.AvgPool2d)
@@ -104,7 +107,8 @@ def _add_layer_terms_(out: torch.Tensor, mod: nn.Module, x: torch.Tensor, branch
     if mod in branches.weight_factors:
         _check_input(mod, x, per_direction=True)
         a, b = branches.weight_factors[mod]
-        add_weight_terms_(out, mod, x, _pick(a, dirs), _pick(b, dirs), scales)
+        a = _pick(a, dirs) * scales.view(-1, 1, 1)  # s_j A_k: the scale rides on the small factor
+        _mix(mod, _factor_features(mod, x, _pick(b, dirs)), a, add_to=out)
     _add_bias_terms_(out, mod, branches, dirs, scales)
 
 
@@ -114,13 +118,6 @@ def _add_bias_terms_(out: torch.Tensor, mod: nn.Module, branches: Branches, dirs
         db = _pick(branches.bias_directions[mod], dirs)  # (J, m) → (J, 1, m, 1, ...) over batch and space
         db = db.view(db.shape[0], 1, db.shape[1], *[1] * (out.dim() - 3))
         out.addcmul_(scales.view(-1, *[1] * (out.dim() - 1)), db)
-
-
-def _out_numel(layer: nn.Module, x: torch.Tensor) -> int:
-    """Elements of the layer's output on x, without running it."""
-    if isinstance(layer, nn.Linear):
-        return x.shape[0] * layer.out_features
-    raise TypeError(f"no output size rule for {type(layer).__name__}")
 
 
 def _pick(t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
@@ -146,38 +143,38 @@ class _BranchedForward:
         self.first = next((i for i, m in enumerate(chain) if branches.perturbs(m)), None)
 
     def share(self, x: torch.Tensor) -> None:
-        """Run the unperturbed prefix and the first perturbed layer's W x + b (and its Bᵀx) once.
+        """Run the unperturbed prefix and the first perturbed layer's W x + b and its K terms
+        V_k x + δb_k once.
 
-        ``if_small`` shares only when that layer's output is no larger than its weight
-        (for a Linear: batch ≤ fan-in), so the held activation costs at most what the
-        layer's own parameters do; a first convolution's large output is not held."""
+        ``if_small`` shares only when the held tensors (that layer's output and one term per
+        direction) are no larger than its weight (for a Linear: (K + 1)·batch ≤ fan-in), so
+        they cost at most what the layer's own parameters do."""
         self.input, self.shared = x, None
         if self.first is None or self.share_prefix == "never":
             return
         for mod in self.chain[: self.first]:
             x = mod(x)
         layer = self.chain[self.first]
-        if self.share_prefix == "if_small" and _out_numel(layer, x) > layer.weight.numel():
+        k = len(set(self.branches.direction))
+        if self.share_prefix == "if_small" and (k + 1) * x.shape[0] * layer.out_features > layer.weight.numel():
             return
         self.shared = type(layer).forward(layer, x)
+        terms = None
         if layer in self.branches.weight_factors:
             _check_input(layer, x, per_direction=False)
-            self.proj = project(layer, x, self.branches.weight_factors[layer][1])
+            terms = weight_terms(layer, x, *self.branches.weight_factors[layer])
+        if layer in self.branches.bias_directions:
+            db = self.branches.bias_directions[layer].unsqueeze(1)  # (K, 1, m)
+            terms = db if terms is None else terms.add_(db)
+        self.terms = terms
 
     def outputs(self, js: list[int]) -> torch.Tensor:
         """The model's outputs for branches ``js``, stacked (len(js), batch, ...)."""
         like = self.input
         dirs = torch.tensor([self.branches.direction[j] for j in js], device=like.device)
         scales = torch.tensor([self.branches.scales[j] for j in js], dtype=like.dtype, device=like.device)
-        if self.shared is not None:  # from the first layer's shared W x + b
-            layer = self.chain[self.first]
-            h = self.shared.unsqueeze(0)
-            if layer in self.branches.weight_factors:  # one new (J', batch, ...) tensor: W x + b + s A(Bᵀx)
-                h = add_projected(h, layer, _pick(self.proj, dirs), _pick(self.branches.weight_factors[layer][0], dirs),
-                                  scales)
-            if h.shape[0] != len(js):  # only the bias is perturbed
-                h = h.repeat(len(js), *[1] * self.shared.dim())
-            _add_bias_terms_(h, layer, self.branches, dirs, scales)
+        if self.shared is not None:  # one new (J', batch, m) tensor: W x + b + s_j (V_k x + δb_k)
+            h = torch.addcmul(self.shared.unsqueeze(0), scales.view(-1, 1, 1), _pick(self.terms, dirs))
             rest = self.chain[self.first + 1:]
         else:  # every branch from the input; terms added in place: memory as inference's
             h, rest = self.input.unsqueeze(0).expand(len(js), *self.input.shape), self.chain

@@ -10,15 +10,20 @@ forward-mode pass gives the directional derivatives d_k = ∇f(θ)·v_k (jvp) an
 
 For Gaussian v and K ≪ N, cos(g, ∇f) ≈ √(χ²_K / N), i.e. about √(K/N)
 (``bpfree.theory.forward_gradient_cosine``). The K > 1 case is one batched
-pass: the K tangents are stacked and ``torch.func.vmap`` runs
-``torch.func.jvp`` over them, so the primal forward is computed once.
+pass: with dense directions (``rank="full"``) the K tangents are stacked and
+``torch.func.vmap`` runs ``torch.func.jvp`` over them; with low-rank
+directions (the default) on a plain Linear/Conv2d/ReLU/MaxPool2d/Flatten
+``nn.Sequential``, ``_lowrank.chain_directional_derivatives`` carries them.
+Either way the primal forward is computed once.
 
 ``jvp_clip = c`` replaces d_k by clamp(d_k, −c, c) (seed 002's stabiliser,
 "capping |∇f·v| at 1"); the estimate is then biased towards smaller steps
 when |d_k| > c, and ``details["clipped"]`` counts how often it happened.
 
-Cost: 1 forward + 2 per tangent (forward-pass equivalents), no stored
-activations: memory ≈ inference + K tangents (one per parameter).
+Cost (forward-pass equivalents): dense, 1 forward + 2 per tangent (dW·x and
+W·dx), memory ≈ inference + K tangents (one per parameter); low-rank, 2 per
+direction in separate passes, or 1 + K in the batched pass, whose memory is
+inference + the ReLU masks and pooling indices + one chunk of tangents.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class ForwardGradient(Estimator):
     distribution: str = "rademacher"  # fastest unbiased choice (directions.fill_)
     orthogonal: bool = False
     jvp_clip: float | None = None
-    rank: int | str = 1  # low-rank Linear-weight directions (_lowrank); "full": dense directions
+    rank: int | str = 1  # low-rank Linear/Conv2d-weight directions (_lowrank); "full": dense directions
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,14 +114,14 @@ class ForwardGradient(Estimator):
         return d if self.jvp_clip is None else d.clamp(-self.jvp_clip, self.jvp_clip)
 
     def _estimate_lowrank(self, model, params, closure, generator) -> Estimate:
-        """``rank = r``: nn.Linear weights get tangents V = A Bᵀ applied inside the layer
-        (``_lowrank.with_tangents``), the other parameters dense tangents. For K > 1 on a plain
-        Linear/ReLU/Flatten ``nn.Sequential`` all K tangents ride one pass
-        (:meth:`_estimate_chain`); otherwise each direction is its own forward-mode pass (the
-        layer patch does not run under vmap)."""
+        """``rank = r``: nn.Linear and nn.Conv2d weights get tangents V = A Bᵀ applied inside the
+        layer (``_lowrank.with_tangents``), the other parameters dense tangents. For K > 1 on a
+        plain ``nn.Sequential`` of Linear, Conv2d, ReLU, MaxPool2d and Flatten all K tangents
+        ride one pass (:meth:`_estimate_chain`); otherwise each direction is its own
+        forward-mode pass (the layer patch does not run under vmap)."""
         k = self.num_directions
         lowrank = _lowrank.lowrank_modules(model, [n for n, _ in params])
-        chain = _lowrank.linear_relu_chain(model) if k > 1 else None
+        chain = _lowrank.tangent_chain(model) if k > 1 else None
         if chain is not None:
             try:
                 return self._estimate_chain(model, params, closure, generator, chain, lowrank)
@@ -154,7 +159,7 @@ class ForwardGradient(Estimator):
             _lowrank.write_gradient(params[i][1], weights, factors[i])
         return Estimate(
             loss=float(loss),
-            forward_passes=2.0 * k,  # per direction: primal + W·dx (the A(Bᵀx) term is negligible)
+            forward_passes=2.0 * k,  # per direction: primal + W·dx (the V x term is r/m of a layer)
             details={
                 "directional_derivatives": raw.detach().clone(),
                 "clipped": int((raw.abs() > self.jvp_clip).sum()) if self.jvp_clip is not None else 0,
@@ -163,12 +168,13 @@ class ForwardGradient(Estimator):
 
 
     def _estimate_chain(self, model, params, closure, generator, chain, lowrank) -> Estimate:
-        """K > 1 on a Linear/ReLU MLP: the primal once, the K tangents batched
-        (``_lowrank.chain_directional_derivatives``); the same estimator, one pass."""
+        """K > 1 on a Linear/Conv2d/ReLU/MaxPool2d chain (an MLP or a plain CNN): the primal once,
+        the K tangents batched (``_lowrank.chain_directional_derivatives``); the same estimator,
+        one pass."""
         k = self.num_directions
         owner = {}
         for mod in chain:
-            if type(mod) is torch.nn.Linear:
+            if type(mod) in (torch.nn.Linear, torch.nn.Conv2d):
                 owner[id(mod.weight)] = (mod, "weight")
                 if mod.bias is not None:
                     owner[id(mod.bias)] = (mod, "bias")
@@ -193,7 +199,7 @@ class ForwardGradient(Estimator):
                 write_gradients([params[i]], [weights.to(p.dtype) @ bias_tangents[mod]])
         return Estimate(
             loss=float(loss),
-            forward_passes=1.0 + k,  # primal once + W·ẋ per tangent (A(Bᵀx) is negligible)
+            forward_passes=1.0 + k,  # primal once + W·ẋ per tangent (V x is r/m of a layer)
             details={
                 "directional_derivatives": raw.detach().clone(),
                 "clipped": int((raw.abs() > self.jvp_clip).sum()) if self.jvp_clip is not None else 0,

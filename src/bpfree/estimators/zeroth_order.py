@@ -61,7 +61,7 @@ class SPSA(Estimator):
     eps: float = 1e-3
     scheme: str = "central"
     distribution: str = "rademacher"  # fastest unbiased choice (directions.fill_)
-    rank: int | str = 1  # low-rank Linear-weight directions (_lowrank); "full": dense directions
+    rank: int | str = 1  # low-rank Linear/Conv2d-weight directions (_lowrank); "full": dense directions
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ class SPSA(Estimator):
 
     def _estimate(self, model, params, closure, generator) -> Estimate:
         k, eps = self.num_directions, self.eps
-        # rank r: nn.Linear weights get V = A Bᵀ applied inside the layer (_lowrank);
+        # rank r: nn.Linear/nn.Conv2d weights get V = A Bᵀ applied inside the layer (_lowrank);
         # every other parameter a dense direction, swapped in functionally.
         lowrank = _lowrank.lowrank_modules(model, [n for n, _ in params]) if self.rank != "full" else {}
         dense = [(n, p) for i, (n, p) in enumerate(params) if i not in lowrank]
@@ -174,8 +174,8 @@ class MeZO(Estimator):
     the parameters, or of z, is ever held. Temporaries are a few tensors the
     size of one piece of z (``CHUNK`` values).
 
-    ``rank = r``: the weights of ``nn.Linear`` layers get low-rank directions
-    V = A Bᵀ (``_lowrank``), applied inside the layer as ±ε·A(Bᵀx), so they
+    ``rank = r``: the weights of ``nn.Linear`` and ``nn.Conv2d`` layers get low-rank
+    directions V = A Bᵀ (``_lowrank``), applied inside the layer as ±ε·Vx, so they
     are never written and need no restore record; the factors (r·(m + n)
     values per layer) are kept for the step.
 
@@ -193,7 +193,7 @@ class MeZO(Estimator):
     distribution: str = "rademacher"  # fastest unbiased choice (directions.fill_)
     lr: float | None = None
     weight_decay: float = 0.0
-    rank: int | str = 1  # low-rank Linear-weight directions (_lowrank); "full": dense directions
+    rank: int | str = 1  # low-rank Linear/Conv2d-weight directions (_lowrank); "full": dense directions
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -228,7 +228,7 @@ class MeZO(Estimator):
                 for mod, (a, b) in factors.items():
                     if self.weight_decay:
                         mod.weight.mul_(1 - self.lr * self.weight_decay)
-                    mod.weight.addmm_(a, b.T, alpha=-float(d) * self.lr)  # W ← W − lr·d·A Bᵀ, a rank-r update
+                    _lowrank.add_lowrank_(mod.weight, a, b, alpha=-float(d) * self.lr)  # W ← W − lr·d·A Bᵀ, rank r
                     mod.weight.grad = None
             if records is None:  # the one-pass path: the dense parameters were never written
                 for i, (_, p) in enumerate(params):
