@@ -14,7 +14,8 @@ to plain backprop's step on the same batch, and the fast-estimator targets
 
 "Before" is the dense Gaussian rows: the papers' form, which every estimator
 used before the fast paths (Rademacher signs from raw bits, rank-1 directions,
-the batched K-tangent pass, zeroth order in one pass).
+the batched K-tangent pass, zeroth order in one pass). The two groups are
+timed separately, each interleaved with its own backprop row.
 """
 
 from __future__ import annotations
@@ -32,20 +33,27 @@ from bpfree.measure.profile import EstimatorSpec, add_ratios, markdown_table, pr
 # Defaults (Rademacher signs from raw bits, rank-1 directions for nn.Linear weights) next to
 # the papers' dense Gaussian form, which is what every estimator did before the fast paths.
 DENSE = {"distribution": "gaussian", "rank": "full"}
-SPECS = [
-    EstimatorSpec("backprop", "backprop", {}),
+BACKPROP = EstimatorSpec("backprop", "backprop", {})
+AFTER = [  # every estimator with its default options
+    BACKPROP,
     EstimatorSpec("backprop (ckpt sqrt)", "backprop", {"checkpoint": "sqrt"}),
     EstimatorSpec("forward_gradient K=1", "forward_gradient", {}),
-    EstimatorSpec("forward_gradient K=1 dense gaussian", "forward_gradient", DENSE),
     EstimatorSpec("forward_gradient K=16", "forward_gradient", {"num_directions": 16}),
-    EstimatorSpec("forward_gradient K=16 dense gaussian", "forward_gradient", {"num_directions": 16, **DENSE}),
     EstimatorSpec("spsa", "spsa", {}),
-    EstimatorSpec("spsa dense gaussian", "spsa", DENSE),
     EstimatorSpec("mezo", "mezo", {}),
-    EstimatorSpec("mezo dense gaussian", "mezo", DENSE),
     EstimatorSpec("mezo update (no .grad)", "mezo", {"lr": 1e-6}),
+]
+BEFORE = [  # the papers' dense Gaussian form
+    BACKPROP,
+    EstimatorSpec("forward_gradient K=1 dense gaussian", "forward_gradient", DENSE),
+    EstimatorSpec("forward_gradient K=16 dense gaussian", "forward_gradient", {"num_directions": 16, **DENSE}),
+    EstimatorSpec("spsa dense gaussian", "spsa", DENSE),
+    EstimatorSpec("mezo dense gaussian", "mezo", DENSE),
     EstimatorSpec("mezo update dense gaussian", "mezo", {"lr": 1e-6, **DENSE}),
 ]
+# Two groups, each timed interleaved with its own backprop: a dense K=16 step moves hundreds of
+# MB, and interleaving it with 5 ms steps would time those on a cold cache and allocator.
+GROUPS = {"after: defaults": AFTER, "before: dense Gaussian directions": BEFORE}
 
 TASKS = {"mlp": ("mlp", {"hidden": (1024, 1024)}), "cnn": ("cnn_mnist", {})}
 
@@ -100,12 +108,18 @@ def main() -> None:
         def closure(model=model, x=x, y=y):
             return F.cross_entropy(model(x), y)
 
-        rows = profile_estimators(SPECS, model, closure, repeats=args.repeats, cosine_draws=args.cosine_draws,
-                                  device=str(device))
-        add_ratios(rows, "backprop")
         n = sum(p.numel() for p in model.parameters())
         print(f"## {task}: {model_name}, {n:,} parameters\n")
+        rows = []
+        for group, specs in GROUPS.items():
+            got = profile_estimators(specs, model, closure, repeats=args.repeats, cosine_draws=args.cosine_draws,
+                                     device=str(device))
+            add_ratios(got, "backprop")
+            for row in got:
+                row["group"] = group
+            rows += got
         print(markdown_table(rows, [
+            ("group", "group", ""),
             ("label", "estimator", ""),
             ("ms_per_step", "ms/step", ".2f"),
             ("time_ratio", "time / BP", ".2f"),

@@ -23,8 +23,8 @@ so the J branches differ only by a term that costs O(batch·r·(m + n)), and:
 With ``share_prefix="never"`` every branch starts from the input and terms are
 added in place, so a group of one branch holds no more than inference does
 (MeZO's update mode: its peak is 1.00x inference on seed 002's MLP);
-``"if_small"`` shares only where the held activation is no larger than the
-first layer's weight (MeZO's grad mode).
+``"if_small"`` shares the prefix and folds branches only where the held
+activations are no larger than the first layer's weight (MeZO's grad mode).
 
 The losses equal the sequential evaluation's up to floating-point rounding
 (the same arithmetic, associated differently). The model's output for branch j
@@ -215,7 +215,9 @@ def chain_losses(model: nn.Sequential, chain: list[nn.Module], closure: Callable
                 raise NotAChain  # another batch, or the same one changed in place
             j = int(state["branch"])  # type: ignore[arg-type]
             if j not in cache:
-                group = list(range(j, min(j + max_branches, total)))
+                # "if_small" folds branches only where it shares the prefix: activations are small
+                fold = max_branches if runner.shared is not None or share_prefix != "if_small" else 1
+                group = list(range(j, min(j + fold, total)))
                 cache.update(zip(group, runner.outputs(group)))
         return cache.pop(j)
 

@@ -325,10 +325,13 @@ def perturbed(shifts: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, float]],
 def write_gradient(weight: torch.Tensor, weights: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """``weight.grad`` ← Σ_k w_k A_k B_kᵀ, as one matmul [A_1 … A_K] diag(w ⊗ 1_r) [B_1 … B_K]ᵀ
     written straight into an existing gradient buffer (no m × n temporary)."""
-    a = torch.cat([f[0] for f in factors], dim=1)
-    b = torch.cat([f[1] for f in factors], dim=1)
-    rank = factors[0][0].shape[1]
-    a = a * weights.to(a.dtype).repeat_interleave(rank)
+    if len(factors) == 1:  # one direction: no concatenation
+        (a, b), = factors
+        a = a * weights.to(a.dtype).reshape(())
+    else:
+        a = torch.cat([f[0] for f in factors], dim=1)
+        b = torch.cat([f[1] for f in factors], dim=1)
+        a = a * weights.to(a.dtype).repeat_interleave(factors[0][0].shape[1])
     g = weight.grad
     if g is not None and g.shape == weight.shape and g.dtype == weight.dtype and g.is_contiguous():
         torch.mm(a, b.T, out=g.view(a.shape[0], -1))

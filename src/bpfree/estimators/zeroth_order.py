@@ -258,11 +258,11 @@ class MeZO(Estimator):
         On a chain whose weights all have low-rank directions, the only dense
         parameters are biases; their z (regenerated from the same counter seeds as
         the in-place path, so the step is the same) is added inside the layers
-        and nothing is written. The two branches run one after the other
-        (``max_branches=1``: folding them into one batch would double the
-        activations, and measured no faster). Grad mode shares the first layer's
-        W x + b where holding it costs no more than that layer's weight (batch ≤
-        fan-in: seed 002's MLP, not a CNN's first convolution). Update mode, MeZO's
+        and nothing is written. Grad mode shares the first layer's W x + b and
+        folds both branches into one batch where the held activations cost no
+        more than that layer's weight (``"if_small"``: 2·batch ≤ fan-in, e.g.
+        seed 002's MLP at batch 64), else runs them one after the other from
+        the input. Update mode, MeZO's
         memory path, shares nothing: every branch starts from the input with its
         terms added in place, so the step's peak is inference's (1.00x measured on
         seed 002's MLP).
@@ -277,8 +277,9 @@ class MeZO(Estimator):
                              for i, (mod, (_, p)) in enumerate(zip(biases, params))},
             scales=[self.eps, -self.eps], direction=[0, 0])
         try:
-            f_plus, f_minus = _chain.chain_losses(model, chain, closure, branches, max_branches=1,
-                                                  share_prefix="if_small" if self.lr is None else "never")
+            grad_mode = self.lr is None
+            f_plus, f_minus = _chain.chain_losses(model, chain, closure, branches, max_branches=2 if grad_mode else 1,
+                                                  share_prefix="if_small" if grad_mode else "never")
         except _chain.NotAChain:
             return None
         return f_plus, f_minus, None
