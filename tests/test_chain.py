@@ -127,15 +127,19 @@ def test_groups_of_branches_give_the_same_losses():
     assert float(together[-1]) == pytest.approx(prob.closure().item(), rel=1e-14)
 
 
+def _mnist_mlp(width: int, batch: int):
+    """``(model, closure)``: a 784-width-width-10 ReLU MLP (seed 0) and its cross-entropy on a
+    random MNIST-shaped batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 10))
+    x, y = torch.randn(batch, 1, 28, 28), torch.arange(batch) % 10
+    return model, lambda: F.cross_entropy(model(x), y)
+
+
 def test_one_pass_shares_the_first_layer():
     """Central SPSA's two losses cost 2F − (first layer's W x) in FLOPs, not 2F."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                          nn.Linear(256, 10))
-    x, y = torch.randn(32, 1, 28, 28), torch.arange(32) % 10
-
-    def closure():
-        return F.cross_entropy(model(x), y)
+    model, closure = _mnist_mlp(width=256, batch=32)
 
     def flops(fn) -> int:
         with FlopCounterMode(display=False) as counter:
@@ -154,14 +158,7 @@ def test_mezo_update_mode_holds_no_more_than_inference():
     """MeZO's memory path: branches one at a time from the input, terms added in place."""
     from bpfree.measure.memory import measure_step_memory
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                          nn.Linear(512, 10))
-    x, y = torch.randn(64, 1, 28, 28), torch.arange(64) % 10
-
-    def closure():
-        return F.cross_entropy(model(x), y)
-
+    model, closure = _mnist_mlp(width=512, batch=64)
     with torch.no_grad():
         inference = measure_step_memory(closure, model=model)
     est, g = estimators.make("mezo", lr=1e-4), torch.Generator().manual_seed(0)

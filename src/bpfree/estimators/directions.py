@@ -177,13 +177,10 @@ def fill_(out: torch.Tensor, distribution: str, generator: torch.Generator) -> t
     if not out.is_contiguous():
         raise ValueError("fill_ needs a contiguous tensor")
     if distribution == "noise_table":
-        flat = out.view(-1)
-        table = noise_table(out.dtype, out.device)
-        o = noise_table_offset(generator, flat.numel())
-        head = min(flat.numel(), table.numel() - o)
-        flat[:head].copy_(table[o:o + head])
-        if head < flat.numel():
-            flat[head:].copy_(table[: flat.numel() - head])
+        flat, start = out.view(-1), 0
+        for piece in _circular_slice(flat.numel(), generator, out.dtype, out.device):
+            flat[start:start + piece.numel()].copy_(piece)
+            start += piece.numel()
         return out
     if out.device != generator.device:
         return out.copy_(sample(out.shape, distribution=distribution, generator=generator, dtype=out.dtype))
@@ -297,11 +294,18 @@ def table_slice(
     use it read-only (e.g. ``p.add_(v, alpha=eps)``), never scale it in place.
     When it wraps, a new tensor of the two pieces.
     """
+    pieces = _circular_slice(n, generator, dtype, device)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _circular_slice(n: int, generator: torch.Generator, dtype: torch.dtype,
+                    device: torch.device | str) -> list[torch.Tensor]:
+    """The circular slice T[o : o + n] of the shared table, o drawn by :func:`noise_table_offset`,
+    as views: one, or two when it wraps past the table's end (T[o:] then T[: o + n − L])."""
     table = noise_table(dtype, device)
     o = noise_table_offset(generator, n)
-    if o + n <= table.numel():
-        return table[o:o + n]
-    return torch.cat([table[o:], table[: o + n - table.numel()]])
+    head = min(n, table.numel() - o)
+    return [table[o:o + head]] + ([table[: n - head]] if head < n else [])
 
 
 def noise_table_autocorrelation(dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -216,10 +216,11 @@ class MeZO(Estimator):
             factors[mod] = _lowrank.draw_factors(mod.weight, self.rank, self.distribution, gen)
         params = [pair for i, pair in enumerate(params) if i not in lowrank]  # dense: perturbed in place
         with torch.no_grad():
-            step = self._one_pass(model, params, closure, seed, factors)
-            if step is None:
-                step = self._in_place(model, params, closure, seed, factors)
-            f_plus, f_minus, records = step
+            one_pass = self._one_pass(model, params, closure, seed, factors)
+            if one_pass is not None:  # the dense parameters (biases) were never written
+                (f_plus, f_minus, zs), records = one_pass, None
+            else:
+                f_plus, f_minus, records = self._in_place(model, params, closure, seed, factors)
             d = (f_plus - f_minus) / (2 * self.eps)
             if self.lr is None:
                 for mod, (a, b) in factors.items():
@@ -230,15 +231,15 @@ class MeZO(Estimator):
                         mod.weight.mul_(1 - self.lr * self.weight_decay)
                     _lowrank.add_lowrank_(mod.weight, a, b, alpha=-float(d) * self.lr)  # W ← W − lr·d·A Bᵀ, rank r
                     mod.weight.grad = None
-            if records is None:  # the one-pass path: the dense parameters were never written
-                for i, (_, p) in enumerate(params):
-                    self._finish(p, mezo_direction(seed, i, p, self.distribution), d, shifted_by=0.0)
+            if records is None:
+                for (_, p), z in zip(params, zs):
+                    self._finish(p, z, d, shifted_by=0.0)
             else:
                 self._finish_in_place(params, seed, d, records)
             if self.lr is not None:
                 for _, p in params:
                     p.grad = None
-        fixups = sum(int(r[0].numel()) for r in records) if self.lr is None and records is not None else 0
+        fixups = sum(int(r[0].numel()) for r in records) if records else 0  # update mode keeps no record
         return Estimate(
             loss=float((f_plus + f_minus) / 2),
             forward_passes=2.0,
@@ -253,7 +254,8 @@ class MeZO(Estimator):
         )
 
     def _one_pass(self, model, params, closure, seed, factors):
-        """``(f₊, f₋, None)`` from ``_chain``'s shared-prefix pass, or None where it does not apply.
+        """``(f₊, f₋, z of each dense parameter)`` from ``_chain``'s shared-prefix pass, or None
+        where it does not apply.
 
         On a chain whose weights all have low-rank directions, the only dense
         parameters are biases; their z (regenerated from the same counter seeds as
@@ -271,10 +273,10 @@ class MeZO(Estimator):
         biases = _chain_biases(chain, params) if chain is not None else None
         if biases is None:
             return None
+        zs = [mezo_direction(seed, i, p, self.distribution) for i, (_, p) in enumerate(params)]
         branches = _chain.Branches(
             weight_factors={mod: (a.unsqueeze(0), b.unsqueeze(0)) for mod, (a, b) in factors.items()},
-            bias_directions={mod: mezo_direction(seed, i, p, self.distribution).view(1, -1)
-                             for i, (mod, (_, p)) in enumerate(zip(biases, params))},
+            bias_directions={mod: z.view(1, -1) for mod, z in zip(biases, zs)},
             scales=[self.eps, -self.eps], direction=[0, 0])
         try:
             grad_mode = self.lr is None
@@ -282,7 +284,7 @@ class MeZO(Estimator):
                                                   share_prefix="if_small" if grad_mode else "never")
         except _chain.NotAChain:
             return None
-        return f_plus, f_minus, None
+        return f_plus, f_minus, zs
 
     def _in_place(self, model, params, closure, seed, factors):
         """``(f₊, f₋, restore record or [])``: Alg. 1's in-place shifts of the dense parameters,
