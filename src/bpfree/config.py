@@ -156,7 +156,10 @@ class TrainConfig:
     one training step (``bpfree.measure``) in ``summary.json``. ``save_model``
     writes the final parameters to ``model.pt`` in the run directory
     (``torch.save`` of the ``state_dict``), also when the run diverged or was
-    interrupted.
+    interrupted. ``accumulate = n`` averages the estimates of n consecutive
+    minibatches before each optimizer step (``bpfree.estimators.accumulate``;
+    every estimator, backprop included); steps count optimizer steps, and an
+    epoch's last step averages what is left.
     """
 
     epochs: int | None = None
@@ -170,6 +173,7 @@ class TrainConfig:
     measure: bool = True
     progress: bool = True
     save_model: bool = False
+    accumulate: int = 1
 
 
 @dataclass(frozen=True)
@@ -550,6 +554,11 @@ def _check_range(c: Config) -> None:
     for key in ("epochs", "max_steps", "max_seconds", "clip_grad_norm", "eval_every_steps"):
         v = getattr(t, key)
         need(v is None or v > 0, f"train.{key} must be > 0 (or unset), got {v}")
+    need(isinstance(t.accumulate, int) and not isinstance(t.accumulate, bool) and t.accumulate >= 1,
+         f"train.accumulate must be an int >= 1 (minibatches averaged per optimizer step), got {t.accumulate!r}")
+    need(t.accumulate == 1 or not (c.estimator.name == "mezo" and c.estimator.options.get("lr") is not None),
+         "train.accumulate > 1 cannot average MeZO's update mode (estimator.lr steps inside every estimate); "
+         "unset estimator.lr and use an optimizer")
 
 
 # --------------------------------------------------------------------------- writing

@@ -36,6 +36,7 @@ Each step is ``loss.backward()`` with the estimator as the engine::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -150,7 +151,8 @@ def run(
     }
     data_gen = torch.Generator().manual_seed(t.seed)  # batch order only
     est_gen = torch.Generator(device=device).manual_seed(int(cfg.estimator.options.get("seed", t.seed)))
-    steps_per_epoch = len(data.batches(on_device["train"], cfg.data.batch_size, shuffle=False))
+    steps_per_epoch = math.ceil(len(data.batches(on_device["train"], cfg.data.batch_size, shuffle=False))
+                                / t.accumulate)
 
     static = {
         "label": label or cfg.run.name,
@@ -205,7 +207,8 @@ class _Loop:
         self.cfg, self.model, self.estimator = cfg, model, estimator
         self.optimizer, self.scheduler = optimizer, scheduler
         self.splits = splits  # {"train", "val", "test"}: TensorSplit on the model's device
-        self.steps_per_epoch = len(data.batches(splits["train"], cfg.data.batch_size, shuffle=False))
+        self.steps_per_epoch = math.ceil(len(data.batches(splits["train"], cfg.data.batch_size, shuffle=False))
+                                         / cfg.train.accumulate)
         self.data_gen, self.est_gen, self.writer = data_gen, est_gen, writer
         self.device = next(model.parameters()).device
         self.step, self.epoch = 0, 0
@@ -233,8 +236,8 @@ class _Loop:
                     break
                 self.epoch += 1
                 order = data.batches(self.splits["train"], self.cfg.data.batch_size, generator=self.data_gen)
-                for x, y in order:
-                    loss = self.train_step(x, y)
+                for group in _groups(order, t.accumulate):
+                    loss = self.train_step(group)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4g}", epoch=self.epoch, refresh=False)
                     if self.status == "diverged":
@@ -263,7 +266,8 @@ class _Loop:
         model = copy.deepcopy(self.model)
         x, y = next(iter(data.batches(self.splits["train"], self.cfg.data.batch_size, shuffle=False)))
         gen = torch.Generator(device=self.device).manual_seed(0)
-        self.estimator.estimate(model, lambda: F.cross_entropy(model(x), y), generator=gen)
+        with _estimator_state_kept(self.estimator):
+            self.estimator.estimate(model, lambda: F.cross_entropy(model(x), y), generator=gen)
         del model
 
     def measure(self) -> None:
@@ -271,7 +275,12 @@ class _Loop:
         optimizer and generator (``bpfree.measure.profile.training_step_cost``)."""
         model = copy.deepcopy(self.model)
         x, y = next(iter(data.batches(self.splits["train"], self.cfg.data.batch_size, shuffle=False)))
-        self.cost = training_step_cost(
+        with _estimator_state_kept(self.estimator):
+            self.cost = self._step_cost(model, x, y)
+        del model
+
+    def _step_cost(self, model, x, y):
+        return training_step_cost(
             model,
             self.estimator,
             lambda: F.cross_entropy(model(x), y),
@@ -279,15 +288,20 @@ class _Loop:
             device=self.device,
             generator=torch.Generator(device=self.device).manual_seed(0),
         )
-        del model
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One estimate + clip + update; writes the metrics row; returns the loss."""
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One estimate (the mean over ``train.accumulate`` minibatches) + clip + update; writes the
+        metrics row; returns the loss."""
         t = self.cfg.train
         model = self.model
         t0 = time.perf_counter()
         model.train()
-        out = self.estimator.estimate(model, lambda: F.cross_entropy(model(x), y), generator=self.est_gen)
+        if len(batches) == 1:
+            (x, y), = batches
+            out = self.estimator.estimate(model, lambda: F.cross_entropy(model(x), y), generator=self.est_gen)
+        else:
+            closures = [lambda x=x, y=y: F.cross_entropy(model(x), y) for x, y in batches]
+            out = estimators.accumulate(self.estimator, model, closures, generator=self.est_gen)
         norm = grad_norm(model, t.clip_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         finite = math.isfinite(out.loss) and (norm is None or math.isfinite(norm))
@@ -367,6 +381,31 @@ class _Loop:
             if status == "running"
             else datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+def _groups(order, n: int):
+    """The epoch's batches in groups of ``n`` (one optimizer step each); the last may be shorter."""
+    group = []
+    for batch in order:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+@contextlib.contextmanager
+def _estimator_state_kept(estimator):
+    """Run an untimed estimate (warm-up, measurement) without advancing the estimator's state
+    (step counter, SVRG snapshot, sparse masks): saved before, restored after."""
+    save = getattr(estimator, "state_dict", None)
+    state = save() if save is not None else None
+    try:
+        yield
+    finally:
+        if state is not None:
+            estimator.load_state_dict(state)
 
 
 def _progress_bar(cfg: Config, steps_per_epoch: int):

@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bpfree.estimators import _models
 from bpfree.estimators._lowrank import _factor_features, _mix, weight_terms
 
 # Layers whose weight and bias may carry a perturbation, and parameter-free
@@ -64,23 +65,20 @@ INPUT_DIMS = {nn.Linear: 2}
 MAX_BRANCHES = 8
 
 
-class NotAChain(Exception):
-    """The one-pass evaluation does not apply to this model or closure; evaluate branch by branch."""
+NotAChain = _models.DoesNotApply  # the one "does not apply" signal of every engine
 
 
 def sequential_chain(model: nn.Module) -> list[nn.Module] | None:
-    """The modules of ``model`` if it is an ``nn.Sequential`` of exactly the types in ``LAYERS`` and
-    ``PER_EXAMPLE`` with no module hooks of their own (the pass calls the layers' arithmetic
-    directly, so per-module hooks would not run), else None."""
-    if type(model) is not nn.Sequential:
-        return None
-    chain = list(model)
-    for mod in chain:
-        if type(mod) not in LAYERS + PER_EXAMPLE or mod._forward_hooks or mod._forward_pre_hooks:
-            return None
-        if type(mod) is nn.Flatten and mod.start_dim == 0:
-            return None
-    return chain or None
+    """The modules of ``model`` if it is a plain, hook-free ``nn.Sequential``
+    (``_models.sequential_modules``) of exactly the types in ``LAYERS`` and ``PER_EXAMPLE`` (the
+    pass calls the layers' arithmetic directly, so hooks would not run), else None."""
+    return _models.sequential_modules(model, _per_example_or_layer)
+
+
+def _per_example_or_layer(mod: nn.Module) -> bool:
+    if type(mod) not in LAYERS + PER_EXAMPLE:
+        return False
+    return not (type(mod) is nn.Flatten and mod.start_dim == 0)
 
 
 @dataclass

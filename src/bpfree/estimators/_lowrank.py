@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.estimators import directions
+from bpfree.estimators import _models, directions
 from bpfree.estimators._functional import UnsupportedModelError, loss_gradient_at_output, output_leaf
 
 
@@ -384,27 +384,23 @@ CHAIN_TYPES = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten)
 
 
 def tangent_chain(model: nn.Module) -> list[nn.Module] | None:
-    """The modules of ``model`` if it is a plain ``nn.Sequential`` of exactly Linear, Conv2d, ReLU,
-    MaxPool2d and Flatten modules that :func:`chain_directional_derivatives` can carry K tangents
-    through (an MLP such as seed 002's NN, or its MNIST CNN), else None.
+    """The modules of ``model`` if :func:`chain_directional_derivatives` can carry K tangents through
+    it (``_models.sequential_modules``: a plain, hook-free ``nn.Sequential``) of exactly Linear,
+    Conv2d, ReLU, MaxPool2d and Flatten modules (an MLP such as seed 002's NN, or its MNIST CNN),
+    else None.
 
     Every Linear/Conv2d must be :func:`lowrank_eligible` (no grouped or non-zero-padded
     convolution) and no MaxPool2d may return its indices (its output would be a tuple).
     """
-    if type(model) is not nn.Sequential:
-        return None
-    chain = list(model)
+    return _models.sequential_modules(model, _carries_tangents)
 
-    def ok(m: nn.Module) -> bool:
-        if type(m) not in CHAIN_TYPES:
-            return False
-        if type(m) in (nn.Linear, nn.Conv2d):
-            return lowrank_eligible(m)
-        return not (type(m) is nn.MaxPool2d and m.return_indices)
 
-    if not chain or not all(ok(m) for m in chain):
-        return None
-    return chain
+def _carries_tangents(m: nn.Module) -> bool:
+    if type(m) not in CHAIN_TYPES:
+        return False
+    if type(m) in (nn.Linear, nn.Conv2d):
+        return lowrank_eligible(m)
+    return not (type(m) is nn.MaxPool2d and m.return_indices)
 
 
 def chain_flops(chain: list[nn.Module], input_shape: tuple[int, ...], rank: int) -> tuple[int, int]:
@@ -441,9 +437,9 @@ def chain_flops(chain: list[nn.Module], input_shape: tuple[int, ...], rank: int)
     return primal, tangent
 
 
-class NotAChainLoss(Exception):
-    """The chain pass does not apply: the closure used the parameters outside the model's forward
-    or ran the model other than once, or a layer got an unbatched input."""
+# The chain pass does not apply: the closure used the parameters outside the model's forward or
+# ran the model other than once, or a layer got an unbatched input. The one signal of every engine.
+NotAChainLoss = _models.DoesNotApply
 
 
 # The K tangents are carried in chunks of directions whose largest tangent stays below this

@@ -97,6 +97,15 @@ class Estimator(abc.ABC):
         """The estimator's options as a plain dict (for run records)."""
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the estimator keeps between steps (plain values and tensors), for checkpoints:
+        restored with :meth:`load_state_dict`, a resumed run is bit-identical. Stateless: ``{}``.
+        (The generator's state is the caller's: save it with ``generator.get_state()``.)"""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a no-op for stateless estimators)."""
+
     def _own_generator(self, device: torch.device) -> torch.Generator:
         # Lazily created per device; frozen dataclasses need object.__setattr__.
         gens = self.__dict__.get("_generators")

@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.estimators import directions
+from bpfree.estimators import _models, directions
 from bpfree.estimators._functional import UnsupportedModelError, loss_gradient_at_output, output_leaf
 from bpfree.estimators.base import (
     Estimate,
@@ -113,9 +113,13 @@ def relu_mlp_layers(model: nn.Module, estimator: str) -> list[nn.Linear]:
         )
 
     if type(model) is nn.Linear:  # no hidden layer: activity perturbation of the logits
+        if _models.has_hooks(model):
+            raise refuse("the nn.Linear has hooks, which the guessing pass would skip")
         return [model]
-    if not isinstance(model, nn.Sequential):
-        raise refuse(f"got a {type(model).__name__}")
+    allowed = (nn.Linear, nn.ReLU, nn.Flatten)
+    why = _models.why_not_sequential(model, lambda m: type(m) in allowed)
+    if why is not None:
+        raise refuse(why)
     mods = list(model.named_children())
     if mods and isinstance(mods[0][1], nn.Flatten):
         mods = mods[1:]

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Callable, TypeVar
 
 from bpfree._names import check_options, lookup
+from bpfree.estimators import variance
 from bpfree.estimators.base import Estimator
 
 _REGISTRY: dict[str, type[Estimator]] = {}
@@ -34,8 +35,15 @@ def available() -> list[str]:
 
 
 def option_names(name: str) -> list[str]:
-    """The options ``make(name, ...)`` accepts."""
-    return [f.name for f in dataclasses.fields(_lookup(name)) if f.init]
+    """The options ``make(name, ...)`` accepts: the estimator's own and, for the weight-perturbation
+    estimators, every variance-reduction scheme's (``svrg_every``, ``sparse_fraction``, ``sign``, ...)."""
+    cls = _lookup(name)
+    own = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "schemes"]
+    return own + (variance.option_names() if _takes_schemes(cls) else [])
+
+
+def _takes_schemes(cls: type[Estimator]) -> bool:
+    return any(f.name == "schemes" for f in dataclasses.fields(cls))
 
 
 def make(name: str, **options: Any) -> Estimator:
@@ -47,6 +55,9 @@ def make(name: str, **options: Any) -> Estimator:
     """
     cls = _lookup(name)
     check_options("estimator", name, options, option_names(name))
+    if _takes_schemes(cls) and "schemes" not in options:
+        schemes, options = variance.build(name, options)
+        return cls(**options, schemes=schemes)
     return cls(**options)
 
 

@@ -49,3 +49,38 @@ def cosine_of_mean(n: int, k: int, samples: int, distribution: str = "gaussian")
     """E-ish cos(mean of `samples` estimates, ∇) ≈ 1/√(1 + err/samples), err from above."""
     err = weight_perturbation_error(n, k, distribution)
     return 1.0 / math.sqrt(1.0 + err / samples)
+
+
+def _chi2_1_cdf(t: float) -> float:
+    """P(u² ≤ t) for u ~ N(0, 1)."""
+    return math.erf(math.sqrt(max(t, 0.0) / 2.0))
+
+
+def adaptive_scale(candidates: int, rule: str = "largest") -> float:
+    """κ with E[g] = κ ∇f for the adaptive forward gradient (``variance.adaptive``), Gaussian v.
+
+    Keeping the candidate with the largest |∇f·v| of c: κ_c = E[max_j u_j²] =
+    ∫_0^∞ (1 − F(t)^c) dt; the smallest (seed 000's rule): E[min_j u_j²] = ∫_0^∞ (1 − F(t))^c dt,
+    F the χ²₁ CDF. Integrated numerically (substitution t = s², Simpson's rule on [0, 12]; the
+    tails beyond contribute below 1e-12).
+    """
+    if rule not in ("largest", "seed000", "smallest"):
+        raise ValueError(f"unknown rule {rule!r}")
+    c = candidates
+
+    def integrand(s: float) -> float:  # dt = 2s ds
+        f = _chi2_1_cdf(s * s)
+        tail = 1.0 - f ** c if rule == "largest" else (1.0 - f) ** c
+        return tail * 2.0 * s
+
+    n, hi = 4000, 12.0
+    h = hi / n
+    total = integrand(0.0) + integrand(hi)
+    for i in range(1, n):
+        total += (4 if i % 2 else 2) * integrand(i * h)
+    return total * h / 3.0
+
+
+def sign_scale() -> float:
+    """E[g] = √(2/π) ∇f/‖∇f‖ for ZO-SGD-Sign with Gaussian v (``variance.sign``)."""
+    return math.sqrt(2.0 / math.pi)

@@ -9,6 +9,8 @@ Categories (in the order a storage is attributed, first match wins):
   through ``torch.autograd.graph.saved_tensors_hooks``);
 * ``directions``      — random directions / perturbations, i.e. everything
   allocated while ``bpfree.estimators.directions`` draws (tangents, z);
+* ``snapshot``        — SVRG's snapshot θ̃ and its mean estimate μ̃
+  (``bpfree.estimators.variance.svrg``), two parameter-sized copies;
 * ``temporaries``     — everything else (op outputs freed within the step,
   forward-mode tangents of activations, checkpoint segment inputs, ...).
 
@@ -45,8 +47,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from bpfree.estimators import directions
+from bpfree.estimators.variance.svrg import SNAPSHOTTING
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "directions", "temporaries")
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "directions", "snapshot", "temporaries")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class _Record:
     ref: weakref.ref
     died: float = float("inf")
     drawn: bool = False
+    snapshot: bool = False  # SVRG's θ̃ and μ̃
     saved: bool = False
     preexisting: str | None = None
 
@@ -112,7 +116,7 @@ class LiveTensorTracker(TorchDispatchMode):
             return
         born = next(self._clock)
         rec = _Record(st.nbytes(), born, weakref.ref(st, lambda _, k=key: self._release(k)),
-                      drawn=directions.DRAWING.get(), preexisting=preexisting)
+                      drawn=directions.DRAWING.get(), snapshot=SNAPSHOTTING.get(), preexisting=preexisting)
         self._records[key] = rec
         self._all.append(rec)
         self._live += rec.nbytes
@@ -212,6 +216,8 @@ def _category(rec: _Record, key: int | None, grads: set[int], state: set[int]) -
         return "gradients"
     if rec.saved:
         return "activations"
+    if rec.snapshot:
+        return "snapshot"
     if rec.drawn:
         return "directions"
     return "temporaries"

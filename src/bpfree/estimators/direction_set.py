@@ -1,0 +1,305 @@
+"""One step's K random directions for every trainable parameter, as one value.
+
+A :class:`DirectionSet` is what a weight-perturbation estimator draws once per
+step and then uses everywhere: the engines turn it into directional
+derivatives or perturbed losses, the estimate is Σ_k w_k v_k over it, and the
+variance-reduction schemes replay it (SVRG evaluates the *same* v at the
+snapshot θ̃), choose among it (adaptive keeps one of c candidates) or restrict it
+to a mask (sparse). Each parameter's direction takes one of these forms:
+
+* **dense** — a (K, *p.shape) tensor;
+* **low-rank factors** — for an ``nn.Linear`` / plain ``nn.Conv2d`` weight read as an m × n
+  matrix, V_k = A_k B_kᵀ with A (K, m, r), B (K, n, r) (``_lowrank``: never materialised);
+* **masked** — a dense direction times a 0/1 mask M (E[(M⊙v)(M⊙v)ᵀ] = diag(M));
+* **regenerated** — not stored at all: MeZO's in-place path regenerates pieces on demand
+  (:meth:`DirectionSet.pieces`), bit-identical to the stored form.
+
+Every value is a pure function of a :class:`DirectionSpec` — (seed, counter, shapes,
+options): the step seed s is the only draw from the caller's generator, and the values of
+parameter i are counter-based streams (``directions.counter_seed``): the flat (K·numel) block of
+a dense direction is filled in pieces of ``CHUNK`` values, piece c from the stream
+(s, i, 0, c); a low-rank weight's A from (s, i, 1, c) and B from (s, i, 2, c). So any piece can
+be regenerated alone, in any order, on any machine, from the description alone
+(:meth:`DirectionSet.describe` / :meth:`DirectionSet.regenerate`) — a data-parallel mode can
+send that and the K scalars d_k instead of gradients. Orthogonal directions (a QR across all
+dense parameters) are drawn jointly from the stream (s, −1, 0, c).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from bpfree.estimators import _lowrank, directions
+
+# Pieces of at most CHUNK values (256 KiB in fp32): MeZO's memory stays at inference + one piece.
+CHUNK = 1 << 16
+DENSE, FACTOR_A, FACTOR_B, JOINT = 0, 1, 2, -1
+
+
+@dataclass(frozen=True)
+class DirectionSpec:
+    """The compact description of one step's directions: everything needed to regenerate them.
+
+    ``lowrank`` are the indices (into the trainable parameters) whose direction is rank-``rank``
+    factors; every other parameter is dense. ``masked`` are the indices restricted to a mask (the
+    masks themselves belong to the scheme that made them, e.g. ``variance.Sparse``'s state).
+    """
+
+    seed: int
+    num_directions: int
+    distribution: str
+    rank: int | str
+    orthogonal: bool
+    shapes: tuple[tuple[int, ...], ...]
+    lowrank: tuple[int, ...] = ()
+    masked: tuple[int, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-safe dict (run records, a wire format)."""
+        return {"seed": self.seed, "num_directions": self.num_directions, "distribution": self.distribution,
+                "rank": self.rank, "orthogonal": self.orthogonal, "shapes": [list(s) for s in self.shapes],
+                "lowrank": list(self.lowrank), "masked": list(self.masked)}
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """The step seed s: the one draw from the caller's generator (63 bits)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
+def fill_stream_(flat: torch.Tensor, distribution: str, key: tuple[int, ...], *, start: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill the contiguous 1-D ``flat`` with values ``start … start + len`` of the stream ``key``:
+    piece c (CHUNK values) is drawn from a generator seeded ``counter_seed(*key, c)``. ``start``
+    must be a multiple of CHUNK (pieces are never split)."""
+    if start % CHUNK:
+        raise ValueError(f"a stream is regenerated in whole pieces of {CHUNK} values; start={start}")
+    gen = generator or torch.Generator(device=flat.device)
+    with directions._drawing():
+        for off in range(0, flat.numel(), CHUNK):
+            gen.manual_seed(directions.counter_seed(*key, (start + off) // CHUNK))
+            directions.fill_(flat[off:off + CHUNK], distribution, gen)
+    return flat
+
+
+@dataclass
+class DirectionSet:
+    """K directions for each trainable parameter (module docstring). Build with :meth:`draw`.
+
+    ``dense[i]`` (K, *shape), ``factors[i]`` (A (K, m, r), B (K, n, r)) with ``modules[i]`` the
+    layer, ``masks[i]`` a 0/1 tensor of p's shape applied to ``dense[i]``. With
+    ``materialised=False`` the dense directions are not stored: :meth:`pieces` regenerates them.
+    """
+
+    spec: DirectionSpec
+    params: list[tuple[str, nn.Parameter]]
+    modules: dict[int, nn.Module]
+    dense: dict[int, torch.Tensor] = field(default_factory=dict)
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    materialised: bool = True
+    picked: tuple[int, ...] | None = None  # after select(): which of the spec's K directions these are
+
+    # ------------------------------------------------------------------ drawing and replaying
+
+    @classmethod
+    def draw(cls, model: nn.Module, params: list[tuple[str, nn.Parameter]], *, num_directions: int,
+             distribution: str, rank: int | str, orthogonal: bool, generator: torch.Generator,
+             masks: dict[int, torch.Tensor] | None = None, materialise: bool = True) -> DirectionSet:
+        """Draw the step seed from ``generator`` and build the directions from it.
+
+        ``rank`` r: the weights of low-rank-eligible layers (``_lowrank.lowrank_modules``) that
+        carry no mask get rank-r factors; ``"full"``: every direction is dense.
+        """
+        masks = masks or {}
+        lowrank = {} if rank == "full" else _lowrank.lowrank_modules(model, [n for n, _ in params])
+        lowrank = {i: m for i, m in lowrank.items() if i not in masks}
+        spec = DirectionSpec(seed=draw_seed(generator), num_directions=num_directions, distribution=distribution,
+                             rank=rank, orthogonal=orthogonal, shapes=tuple(tuple(p.shape) for _, p in params),
+                             lowrank=tuple(sorted(lowrank)), masked=tuple(sorted(masks)))
+        return cls.regenerate(spec, params, lowrank, masks=masks, materialise=materialise)
+
+    @classmethod
+    def regenerate(cls, spec: DirectionSpec, params: list[tuple[str, nn.Parameter]],
+                   modules: dict[int, nn.Module], *, masks: dict[int, torch.Tensor] | None = None,
+                   materialise: bool = True) -> DirectionSet:
+        """The directions ``spec`` describes, for ``params`` (shapes must match), bit for bit."""
+        shapes = tuple(tuple(p.shape) for _, p in params)
+        if shapes != spec.shapes:
+            raise ValueError(f"these directions were drawn for parameter shapes {spec.shapes}, not {shapes}")
+        masks = masks or {}
+        if tuple(sorted(masks)) != spec.masked:
+            raise ValueError(f"the spec names masked parameters {spec.masked}; got masks for {sorted(masks)}")
+        out = cls(spec, params, dict(modules), masks=dict(masks), materialised=materialise)
+        k, dist = spec.num_directions, spec.distribution
+        gen_by_device: dict[str, torch.Generator] = {}
+
+        def gen(p: torch.Tensor) -> torch.Generator:
+            return gen_by_device.setdefault(str(p.device), torch.Generator(device=p.device))
+
+        for i in spec.lowrank:
+            w = params[i][1]
+            m, n, r = w.shape[0], w[0].numel(), spec.rank
+            a = fill_stream_(torch.empty(k * m * r, dtype=w.dtype, device=w.device), dist,
+                             (spec.seed, i, FACTOR_A), generator=gen(w)).view(k, m, r)
+            b = fill_stream_(torch.empty(k * n * r, dtype=w.dtype, device=w.device), dist,
+                             (spec.seed, i, FACTOR_B), generator=gen(w)).view(k, n, r)
+            out.factors[i] = (a.mul_(1.0 / math.sqrt(r)), b)
+        dense = [i for i in range(len(params)) if i not in out.factors]
+        if not materialise:
+            if spec.orthogonal or k != 1:
+                raise ValueError("only single, non-orthogonal directions can be regenerated piece by piece")
+            return out
+        if spec.orthogonal:
+            out.dense.update(_orthogonal(spec, [params[i][1] for i in dense], dense))
+        else:
+            for i in dense:
+                p = params[i][1]
+                out.dense[i] = fill_stream_(torch.empty(k * p.numel(), dtype=p.dtype, device=p.device), dist,
+                                            (spec.seed, i, DENSE), generator=gen(p)).view(k, *p.shape)
+        for i, mask in out.masks.items():
+            out.dense[i].mul_(mask.to(out.dense[i].dtype))
+        return out
+
+    def pieces(self, indices: list[int] | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(parameter index, flat start, z piece)`` of the dense directions (K = 1), regenerated
+        piece by piece into one reused buffer per dtype and device (never more than CHUNK values of
+        z exist; the piece is only valid until the next one). Masked pieces come out masked."""
+        if self.spec.num_directions != 1:
+            raise ValueError("pieces() regenerates a single direction (K = 1)")
+        indices = [i for i in range(len(self.params)) if i not in self.factors] if indices is None else indices
+        buffers: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+        gens: dict[str, torch.Generator] = {}
+        largest = min(CHUNK, max((self.params[i][1].numel() for i in indices), default=0))
+        for i in indices:
+            p = self.params[i][1]
+            key = (p.dtype, str(p.device))
+            if key not in buffers:
+                buffers[key] = torch.empty(largest, dtype=p.dtype, device=p.device)
+            gen = gens.setdefault(str(p.device), torch.Generator(device=p.device))
+            mask = self.masks[i].reshape(-1) if i in self.masks else None
+            n = p.numel()
+            for start in range(0, n, CHUNK):
+                if self.materialised:
+                    yield i, start, self.dense[i].view(-1)[start:start + CHUNK]
+                    continue
+                z = fill_stream_(buffers[key][: min(CHUNK, n - start)], self.spec.distribution,
+                                 (self.spec.seed, i, DENSE), start=start, generator=gen)
+                if mask is not None:
+                    z.mul_(mask[start:start + z.numel()].to(z.dtype))
+                yield i, start, z
+
+    def dense_direction(self, i: int) -> torch.Tensor:
+        """Parameter i's dense direction (K, *shape), regenerated whole if not stored."""
+        if i in self.dense:
+            return self.dense[i]
+        p = self.params[i][1]
+        flat = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+        for _, start, z in self.pieces([i]):
+            flat[start:start + z.numel()].copy_(z)
+        return flat.view(1, *p.shape)
+
+    # ------------------------------------------------------------------ transforming
+
+    @property
+    def num_directions(self) -> int:
+        return self.spec.num_directions if self.picked is None else len(self.picked)
+
+    def select(self, ks: list[int] | torch.Tensor) -> DirectionSet:
+        """The directions ``ks`` of this set (in that order), as a set of len(ks) directions."""
+        idx = torch.as_tensor(ks, dtype=torch.long)
+        if not self.materialised:
+            raise ValueError("select() needs stored directions")
+        picked = tuple(int(j) for j in idx) if self.picked is None else tuple(self.picked[int(j)] for j in idx)
+        return DirectionSet(
+            self.spec, self.params, self.modules,
+            dense={i: v.index_select(0, idx.to(v.device)) for i, v in self.dense.items()},
+            factors={i: (a.index_select(0, idx.to(a.device)), b.index_select(0, idx.to(b.device)))
+                     for i, (a, b) in self.factors.items()},
+            masks=self.masks, picked=picked)
+
+    def restricted(self, masks: dict[int, torch.Tensor]) -> DirectionSet:
+        """These directions times 0/1 ``masks`` (parameter index → mask of its shape); a low-rank
+        direction that gets a mask is materialised first (M ⊙ A Bᵀ is not low-rank)."""
+        if not self.materialised:
+            raise ValueError("restricted() needs stored directions")
+        dense, factors = dict(self.dense), dict(self.factors)
+        for i, mask in masks.items():
+            v = dense[i] if i in dense else _materialise(*factors.pop(i), self.params[i][1].shape)
+            dense[i] = v * mask.to(v.dtype)
+        return DirectionSet(self.spec, self.params, {i: m for i, m in self.modules.items() if i in factors},
+                            dense=dense, factors=factors, masks={**self.masks, **masks}, picked=self.picked)
+
+    # ------------------------------------------------------------------ combining
+
+    def gradients(self, weights: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Σ_k w_k v_k for every parameter (index → tensor of its shape), low-rank ones built as one
+        matmul. ``weights`` has shape (K,)."""
+        out = {i: _combine(weights, v) for i, v in self.dense.items()}
+        for i, (a, b) in self.factors.items():
+            out[i] = _lowrank_sum(weights, a, b).view(self.params[i][1].shape)
+        return out
+
+    def write_gradients(self, weights: torch.Tensor, extra: dict[int, torch.Tensor] | None = None) -> None:
+        """``p.grad`` ← Σ_k w_k v_k (+ ``extra[i]``) for every parameter, into existing buffers."""
+        from bpfree.estimators.base import write_gradients  # noqa: PLC0415 (base imports nothing of ours)
+
+        with torch.no_grad():
+            for i, (_, p) in enumerate(self.params):
+                if i in self.factors:
+                    a, b = self.factors[i]
+                    _lowrank.write_gradient(p, weights, [(a[j], b[j]) for j in range(a.shape[0])])
+                    if extra is not None and i in extra:
+                        p.grad.add_(extra[i])
+                else:
+                    g = _combine(weights, self.dense_direction(i))
+                    if extra is not None and i in extra:
+                        g = g.add_(extra[i]) if g._base is None else g + extra[i]
+                    write_gradients([self.params[i]], [g])
+
+    def describe(self) -> dict[str, Any]:
+        """The compact description (:class:`DirectionSpec`), plus which directions were picked."""
+        out = self.spec.describe()
+        if self.picked is not None:
+            out["picked"] = list(self.picked)
+        return out
+
+
+def _combine(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k v_k for stacked v (K, *shape): a plain scale for K = 1, a tensordot otherwise."""
+    if v.shape[0] == 1:
+        return v[0] * weights.reshape(()).to(v.dtype)
+    return torch.tensordot(weights.to(v.dtype), v, dims=1)
+
+
+def _lowrank_sum(weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k A_k B_kᵀ as one (m × K·r)(K·r × n) matmul."""
+    k, m, r = a.shape
+    a_flat = (a * weights.to(a.dtype).view(k, 1, 1)).permute(1, 0, 2).reshape(m, k * r)
+    return a_flat @ b.permute(1, 0, 2).reshape(-1, k * r).T
+
+
+def _materialise(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The dense (K, *shape) directions A_k B_kᵀ."""
+    return torch.bmm(a, b.transpose(1, 2)).view(a.shape[0], *shape)
+
+
+def _orthogonal(spec: DirectionSpec, tensors: list[torch.Tensor], indices: list[int]) -> dict[int, torch.Tensor]:
+    """K orthonormal rows of length √N across all dense parameters (``directions`` docstring), from
+    the joint stream (s, −1, 0)."""
+    k, n = spec.num_directions, sum(t.numel() for t in tensors)
+    if k > n:
+        raise ValueError(f"orthogonal directions need num_directions <= {n} parameters, got {k}")
+    device = tensors[0].device
+    raw = fill_stream_(torch.empty(n * k, dtype=torch.float32, device=device), spec.distribution,
+                       (spec.seed, JOINT, DENSE)).view(n, k)
+    q, r = torch.linalg.qr(raw, mode="reduced")
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    flat = (q * signs).T.mul_(math.sqrt(n))
+    return {i: chunk.reshape(k, *t.shape).to(t.dtype).contiguous()
+            for i, t, chunk in zip(indices, tensors, flat.split([t.numel() for t in tensors], dim=1))}
