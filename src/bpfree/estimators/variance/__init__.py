@@ -123,10 +123,15 @@ def _copy(v: Any) -> Any:
     return v
 
 
+def _order() -> list[str]:
+    """``ORDER``, then any scheme registered later (e.g. a user's own file) in registration order."""
+    return [*ORDER, *(n for n in _SCHEMES if n not in ORDER)]
+
+
 def option_names() -> list[str]:
     """Every scheme option a directional estimator accepts, e.g. ``svrg_every``, ``sign``."""
     out = []
-    for name in ORDER:
+    for name in _order():
         cls = _SCHEMES[name]
         fields = [f for f in dataclasses.fields(cls) if f.init]
         out += [name] if not fields else [f"{name}_{f.name}" for f in fields]
@@ -141,7 +146,7 @@ def build(estimator: str, options: dict[str, Any]) -> tuple[tuple[Scheme, ...], 
     """
     rest = dict(options)
     built = []
-    for name in ORDER:
+    for name in _order():
         cls = _SCHEMES[name]
         fields = [f for f in dataclasses.fields(cls) if f.init]
         if not fields:
