@@ -581,7 +581,8 @@ def to_toml(config: Config, *, header: str = "") -> str:
         if name == "compare" and not config.compare.estimators and not config.compare.lr:
             continue  # only compare configs carry a [compare] table
         lines += ["", f"[{name}]"]
-        unset = [k for k in _option_names(name, table["name"]) if k not in table] if name in OPEN_SECTIONS else []
+        unset = [k for k in _option_names(name, table["name"]) if k not in table and k not in _SCHEME_OPTIONS] \
+            if name in OPEN_SECTIONS else []  # (variance-reduction options are listed in docs, not per run)
         for key, value in table.items():
             if value is None:
                 lines.append(f"# {_toml_key(key)} is unset")
@@ -589,6 +590,15 @@ def to_toml(config: Config, *, header: str = "") -> str:
                 lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
         lines += [f"# {_toml_key(key)} is unset" for key in unset]
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _scheme_options() -> frozenset[str]:
+    from bpfree.estimators import variance
+
+    return frozenset(variance.option_names())
+
+
+_SCHEME_OPTIONS = _scheme_options()
 
 
 def _option_names(kind: str, name: str) -> list[str]:

@@ -72,12 +72,14 @@ computes C x exactly (FFT), so the bias for a given gradient can be measured.
 
 Offsets of different calls are independent and mean(T) = 0, so a direction
 assembled from several calls has a block-diagonal E[v vᵀ], one C block per
-call: per parameter tensor for K = 1 dense directions, one block of K·N
-values (each row marginally C_N) for K > 1, per MeZO piece of ``CHUNK``
-values, and C_m ⊗ C_n for a rank-1 ``nn.Linear`` direction a bᵀ (a and b
-are separate calls). Smaller blocks mean a smaller bias: for the MLP at
-L = 2**24, 0.20 ‖∇f‖ for K = 1 dense directions, 0.053 for MeZO's pieces,
-0.009 for the rank-1 default.
+call. Estimators draw through ``direction_set``, which fills each parameter's
+(K·numel) block in pieces of ``CHUNK`` values, one call per piece: so one C
+block per piece of a parameter's K directions (a parameter below CHUNK values
+is one block of K·numel, each direction marginally C), and C_m ⊗ C_n for a
+rank-1 ``nn.Linear`` direction a bᵀ (a and b are separate calls). Smaller
+blocks mean a smaller bias: for the MLP at L = 2**24, 0.20 ‖∇f‖ for one block
+per tensor (the dense draw before ``direction_set``), 0.053 for pieces of
+CHUNK values (every dense direction now), 0.009 for the rank-1 default.
 
 When to use it: the table replaces a draw by a copy (or nothing), but the
 fixed bias never averages away. The mean of S independent estimates has
