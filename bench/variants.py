@@ -14,8 +14,8 @@ gradient of their mean loss. Adaptive variants are biased by a scale κ_c (cosin
 scale); sparse ones are zero off the mask by design. Times on a loaded 2-core CPU are noisy.
 
 Tasks: seed 002's MLP 784-1024-1024-10 (batch 64, random data of MNIST's shape) and a small
-transformer block stack (4 pre-LayerNorm blocks of hand-written single-head attention + GELU MLP,
-width 64, sequence 16, batch 32, mean-pooled to 10 classes).
+transformer block stack (2 pre-LayerNorm blocks of hand-written single-head attention + GELU MLP,
+width 32, sequence 16, batch 16, mean-pooled to 10 classes).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Block(nn.Module):
 
 
 class BlockStack(nn.Module):
-    def __init__(self, d: int = 64, depth: int = 4, classes: int = 10):
+    def __init__(self, d: int = 32, depth: int = 2, classes: int = 10):
         super().__init__()
         self.blocks = nn.Sequential(*[Block(d) for _ in range(depth)])
         self.head = nn.Linear(d, classes)
@@ -90,7 +90,7 @@ def task(name: str, batches: int):
         xs = [torch.randn(64, 1, 28, 28, generator=g) for _ in range(batches)]
     else:
         model = BlockStack()
-        xs = [torch.randn(32, 16, 64, generator=g) for _ in range(batches)]
+        xs = [torch.randn(16, 16, 32, generator=g) for _ in range(batches)]
     ys = [torch.randint(0, 10, (x.shape[0],), generator=g) for x in xs]
     return model, list(zip(xs, ys))
 
@@ -123,7 +123,7 @@ def run_variant(model0, data, name, options, accumulate, steps, lr):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default="mlp,transformer")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--only", default=None, help="comma-separated substrings of variant labels")
     ap.add_argument("--out", default=None)

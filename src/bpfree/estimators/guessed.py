@@ -116,8 +116,7 @@ def relu_mlp_layers(model: nn.Module, estimator: str) -> list[nn.Linear]:
         if _models.has_hooks(model):
             raise refuse("the nn.Linear has hooks, which the guessing pass would skip")
         return [model]
-    allowed = (nn.Linear, nn.ReLU, nn.Flatten)
-    why = _models.why_not_sequential(model, lambda m: type(m) in allowed)
+    why = _models.why_not_sequential(model, lambda m: True)  # the layer pattern is checked below
     if why is not None:
         raise refuse(why)
     mods = list(model.named_children())
