@@ -236,8 +236,8 @@ class _Loop:
                     break
                 self.epoch += 1
                 order = data.batches(self.splits["train"], self.cfg.data.batch_size, generator=self.data_gen)
-                for group in _groups(order, t.accumulate):
-                    loss = self.train_step(group)
+                for (x, y), *more in _groups(order, t.accumulate):
+                    loss = self.train_step(x, y, *more)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4g}", epoch=self.epoch, refresh=False)
                     if self.status == "diverged":
@@ -289,18 +289,17 @@ class _Loop:
             generator=torch.Generator(device=self.device).manual_seed(0),
         )
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One estimate (the mean over ``train.accumulate`` minibatches) + clip + update; writes the
-        metrics row; returns the loss."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *more: tuple[torch.Tensor, torch.Tensor]) -> float:
+        """One estimate + clip + update; writes the metrics row; returns the loss. With ``more``
+        minibatches (``train.accumulate`` > 1) the estimate is the mean over all of them."""
         t = self.cfg.train
         model = self.model
         t0 = time.perf_counter()
         model.train()
-        if len(batches) == 1:
-            (x, y), = batches
+        if not more:
             out = self.estimator.estimate(model, lambda: F.cross_entropy(model(x), y), generator=self.est_gen)
         else:
-            closures = [lambda x=x, y=y: F.cross_entropy(model(x), y) for x, y in batches]
+            closures = [lambda x=bx, y=by: F.cross_entropy(model(x), y) for bx, by in ((x, y), *more)]
             out = estimators.accumulate(self.estimator, model, closures, generator=self.est_gen)
         norm = grad_norm(model, t.clip_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
