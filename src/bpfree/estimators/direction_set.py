@@ -159,8 +159,11 @@ class DirectionSet:
         else:
             for i in dense:
                 p = params[i][1]
-                out.dense[i] = fill_stream_(torch.empty(k * p.numel(), dtype=p.dtype, device=p.device), dist,
-                                            (spec.seed, i, DENSE), generator=gen(p)).view(k, *p.shape)
+                # K = 1: a standalone tensor shaped like p, which write_gradients(consume=True) scales in
+                # place into the gradient (no second parameter-sized buffer), as a tangent needs no copy
+                buf = torch.empty(p.shape if k == 1 else (k, *p.shape), dtype=p.dtype, device=p.device)
+                fill_stream_(buf.view(-1), dist, (spec.seed, i, DENSE), generator=gen(p))
+                out.dense[i] = buf.unsqueeze(0) if k == 1 else buf
         for i, mask in out.masks.items():
             out.dense[i].mul_(mask.to(out.dense[i].dtype))
         return out
@@ -244,8 +247,12 @@ class DirectionSet:
             out[i] = _lowrank_sum(weights, a, b).view(self.params[i][1].shape)
         return out
 
-    def write_gradients(self, weights: torch.Tensor, extra: dict[int, torch.Tensor] | None = None) -> None:
-        """``p.grad`` ← Σ_k w_k v_k (+ ``extra[i]``) for every parameter, into existing buffers."""
+    def write_gradients(self, weights: torch.Tensor, extra: dict[int, torch.Tensor] | None = None, *,
+                        consume: bool = True) -> None:
+        """``p.grad`` ← Σ_k w_k v_k (+ ``extra[i]``) for every parameter, into existing buffers.
+
+        ``consume``: a single stored dense direction is scaled in place and becomes the gradient
+        (the set must not be used afterwards), so no second parameter-sized buffer exists."""
         from bpfree.estimators.base import write_gradients  # noqa: PLC0415 (base imports nothing of ours)
 
         with torch.no_grad():
@@ -256,7 +263,11 @@ class DirectionSet:
                     if extra is not None and i in extra:
                         p.grad.add_(extra[i])
                 else:
-                    g = _combine(weights, self.dense_direction(i))
+                    v = self.dense_direction(i)
+                    if consume and v.shape[0] == 1 and v._base is not None and v._base.shape == v.shape[1:]:
+                        g = v._base.mul_(weights.reshape(()).to(v.dtype))  # the standalone buffer itself
+                    else:
+                        g = _combine(weights, v)
                     if extra is not None and i in extra:
                         g = g.add_(extra[i]) if g._base is None else g + extra[i]
                     write_gradients([self.params[i]], [g])

@@ -170,7 +170,12 @@ def _per_direction(model, dirs: DirectionSet, closure, primals, estimator) -> De
 
 
 def _standalone(v: torch.Tensor) -> torch.Tensor:
-    """A tangent forward AD uses without copying: v itself when it owns its storage layout."""
+    """A tangent forward AD uses without copying: the standalone buffer behind a single direction's
+    view (``DirectionSet`` stores K = 1 that way), else v, made contiguous."""
+    base = v._base
+    if base is not None and base.shape == v.shape and base.stride() == v.stride() \
+            and base.storage_offset() == v.storage_offset():
+        return base
     return v if v.is_contiguous() else v.contiguous()
 
 
