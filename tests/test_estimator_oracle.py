@@ -124,14 +124,13 @@ def test_jvp_clip_caps_directional_derivatives():
     torch.testing.assert_close(clipped.details["directional_derivatives"], d)  # raw values are reported
     # the written gradient uses clamp(d): reconstruct it from the K=8 directions
     est = estimators.make("forward_gradient", num_directions=8, rank="full")
-    from bpfree.estimators import directions
+    from bpfree.estimators.direction_set import DirectionSet
 
-    tangents = directions.sample_like(
-        [p.detach() for p in prob.model.parameters()],
-        num_directions=8,
-        distribution=est.distribution,
-        generator=torch.Generator().manual_seed(0),
-    )
+    # the directions the estimator drew: a DirectionSet from the same generator state
+    drawn = DirectionSet.draw(prob.model, estimators.trainable_parameters(prob.model), num_directions=8,
+                              distribution=est.distribution, rank="full", orthogonal=False,
+                              generator=torch.Generator().manual_seed(0))
+    tangents = [drawn.dense[i] for i in range(len(drawn.params))]
     expect = torch.cat([torch.tensordot(d.clamp(-cap, cap).double() / 8, v, dims=1).reshape(-1) for v in tangents])
     torch.testing.assert_close(flat_grad(prob.model), expect)
     assert est.num_directions == 8
