@@ -135,6 +135,12 @@ class DirectionSet:
         if tuple(sorted(masks)) != spec.masked:
             raise ValueError(f"the spec names masked parameters {spec.masked}; got masks for {sorted(masks)}")
         out = cls(spec, params, dict(modules), masks=dict(masks), materialised=materialise)
+        with directions._drawing():  # memory instruments count these buffers as "directions"
+            out._fill(materialise)
+        return out
+
+    def _fill(self, materialise: bool) -> None:
+        out, spec, params = self, self.spec, self.params
         k, dist = spec.num_directions, spec.distribution
         gen_by_device: dict[str, torch.Generator] = {}
 
@@ -153,7 +159,7 @@ class DirectionSet:
         if not materialise:
             if spec.orthogonal or k != 1:
                 raise ValueError("only single, non-orthogonal directions can be regenerated piece by piece")
-            return out
+            return
         if spec.orthogonal:
             out.dense.update(_orthogonal(spec, [params[i][1] for i in dense], dense))
         else:
@@ -166,7 +172,6 @@ class DirectionSet:
                 out.dense[i] = buf.unsqueeze(0) if k == 1 else buf
         for i, mask in out.masks.items():
             out.dense[i].mul_(mask.to(out.dense[i].dtype))
-        return out
 
     def pieces(self, indices: list[int] | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(parameter index, flat start, z piece)`` of the dense directions (K = 1), regenerated
@@ -182,7 +187,8 @@ class DirectionSet:
             p = self.params[i][1]
             key = (p.dtype, str(p.device))
             if key not in buffers:
-                buffers[key] = torch.empty(largest, dtype=p.dtype, device=p.device)
+                with directions._drawing():
+                    buffers[key] = torch.empty(largest, dtype=p.dtype, device=p.device)
             gen = gens.setdefault(str(p.device), torch.Generator(device=p.device))
             mask = self.masks[i].reshape(-1) if i in self.masks else None
             n = p.numel()
@@ -201,7 +207,8 @@ class DirectionSet:
         if i in self.dense:
             return self.dense[i]
         p = self.params[i][1]
-        flat = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+        with directions._drawing():
+            flat = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
         for _, start, z in self.pieces([i]):
             flat[start:start + z.numel()].copy_(z)
         return flat.view(1, *p.shape)
