@@ -9,7 +9,8 @@ A config has one table per concern::
     [optimizer]  name (sgd | nesterov | adam | adamw), lr, momentum, betas, eps, weight_decay
     [schedule]   decay                      (lr_t = lr · exp(−decay · t), see ScheduleConfig)
     [train]      epochs, max_steps, max_seconds, clip_grad_norm, eval_every_steps, seed, device,
-                 warmup, measure, progress, save_model
+                 warmup, measure, progress, save_model, save_best, checkpoint_every_steps,
+                 checkpoint_every_seconds, keep_checkpoint, divergence_factor, divergence_bound
     [run]        out, name
     [compare]    estimators, lr             (only read by ``bpfree compare``)
 
@@ -156,7 +157,8 @@ class TrainConfig:
     one training step (``bpfree.measure``) in ``summary.json``. ``save_model``
     writes the final parameters to ``model.pt`` in the run directory
     (``torch.save`` of the ``state_dict``), also when the run diverged or was
-    interrupted.
+    interrupted; ``save_best`` writes ``best.pt`` whenever the validation loss
+    reaches a new low (``bpfree.runs.load(DIR, weights="best")`` reads it).
     """
 
     epochs: int | None = None
@@ -170,6 +172,12 @@ class TrainConfig:
     measure: bool = True
     progress: bool = True
     save_model: bool = False
+    save_best: bool = False
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_seconds: float | None = 600.0
+    keep_checkpoint: bool = False
+    divergence_factor: float = 100.0
+    divergence_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -264,6 +272,12 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {str(path)!r} is a directory; give a TOML file (e.g. configs/quick.toml)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; give a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     raw = apply_overrides(raw, overrides)
@@ -547,9 +561,11 @@ def _check_range(c: Config) -> None:
         any(v is not None for v in (t.epochs, t.max_steps, t.max_seconds)),
         "set a budget: train.epochs, train.max_steps or train.max_seconds (whichever ends first)",
     )
-    for key in ("epochs", "max_steps", "max_seconds", "clip_grad_norm", "eval_every_steps"):
+    for key in ("epochs", "max_steps", "max_seconds", "clip_grad_norm", "eval_every_steps",
+                "checkpoint_every_steps", "checkpoint_every_seconds", "divergence_bound"):
         v = getattr(t, key)
         need(v is None or v > 0, f"train.{key} must be > 0 (or unset), got {v}")
+    need(t.divergence_factor > 1, f"train.divergence_factor must be > 1, got {t.divergence_factor}")
 
 
 # --------------------------------------------------------------------------- writing
