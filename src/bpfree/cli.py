@@ -214,6 +214,20 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def _not_empty(args: argparse.Namespace, *names: str) -> None:
+    """An option given as an empty string is an error, never silently the default."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not str(value).strip(" ,"):
+            raise ConfigError(f"--{name.replace('_', '-')} is empty; give a value or leave the option out")
+
+
+def _at_least(args: argparse.Namespace, name: str, low: int) -> None:
+    value = getattr(args, name, None)
+    if value is not None and value < low:
+        raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
 
@@ -268,7 +282,8 @@ def _compare(args: argparse.Namespace) -> int:
     from bpfree.studies import compare
 
     base = _task_config(args)
-    if args.budget:
+    _not_empty(args, "budget", "estimators")
+    if args.budget is not None:
         budget = compare.parse_budget(args.budget)
     elif all(getattr(base.train, k) is None for k in ("epochs", "max_steps", "max_seconds")):
         budget = compare.parse_budget("epochs=1")
@@ -296,6 +311,9 @@ def _measure(args: argparse.Namespace) -> int:
     from bpfree.studies import compare
     from bpfree.studies.measure import run_measure
 
+    _not_empty(args, "estimators")
+    for name in ("batch", "repeats", "cosine_draws"):
+        _at_least(args, name, 1)
     base = _task_config(args)
     specs = compare.parse_specs(args.estimators or list(base.compare.estimators) or estimators.available())
     out = args.out or Path(base.run.out) / f"measure-{base.data.name}-{base.model.name}"
@@ -310,11 +328,18 @@ def _probe(args: argparse.Namespace) -> int:
 
     def ints(text: str, what: str) -> tuple[int, ...]:
         try:
-            return tuple(int(v) for v in text.split(",") if v.strip())
+            values = tuple(int(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise ConfigError(f"--{what} expects comma-separated integers, got {text!r}") from None
+            values = ()
+        if not values or min(values) < 1:
+            raise ConfigError(f"--{what} expects comma-separated integers >= 1, got {text!r}")
+        return values
 
+    _at_least(args, "samples", 2)
+    _at_least(args, "batch", 1)
     names = tuple(n.strip() for n in args.estimators.split(",") if n.strip())
+    if not names:
+        raise ConfigError(f"--estimators expects comma-separated estimator names, got {args.estimators!r}")
     for n in names:
         try:
             estimators.option_names(n)
@@ -341,6 +366,7 @@ def _study(args: argparse.Namespace) -> int:
             names = ", ".join(sorted(importlib.import_module(module).presets()))
             print(f"{name}: {what}\n    presets: {names} (default {default})")
         return 0
+    _not_empty(args, "preset")
     preset = args.preset or studies.STUDIES.get(args.name, ("", "", ""))[2]
     out = args.out or Path("runs") / f"{args.name}-{preset}"
     if args.report_only:
@@ -363,6 +389,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from bpfree.studies import sweep
 
+    _not_empty(args, "methods", "preset", "storage")
     study = sweep.load_study(args.study, preset=args.preset, overrides=args.overrides)
     out = args.out or Path("runs") / ("sweep-" + study.name + (f"-{study.preset}" if study.preset else ""))
     if args.report_only:

@@ -319,19 +319,24 @@ def read_run(path: str | Path) -> Run:
     for row in _read_csv(path / "metrics.csv"):
         for c in METRICS_COLUMNS:
             metrics[c].append(_number(row.get(c)))
-    summary = with_liveness(path, summary, metrics)
+    summary = as_reported(path, summary, metrics)
     evals = [
         {k: (v if k == "split" else _number(v)) for k, v in row.items()} for row in _read_csv(path / "eval.csv")
     ]
     return Run(path, config, summary, metrics, evals)
 
 
-def with_liveness(path: Path, summary: dict[str, Any], metrics: dict[str, list[float]]) -> dict[str, Any]:
-    """``summary`` as it stands: a ``running`` run whose writer is gone becomes ``killed``.
+def as_reported(path: Path, summary: dict[str, Any], metrics: dict[str, list[float]]) -> dict[str, Any]:
+    """``summary`` as it stands now, for reports.
 
-    Its ``steps`` (and ``epochs_completed``, ``train_seconds``) are then taken
-    from the complete rows of ``metrics.csv``, which is flushed row by row.
+    * A ``running`` run whose writer is gone becomes ``killed``; its ``steps``
+      (and ``epochs_completed``, ``train_seconds``) are taken from the complete
+      rows of ``metrics.csv``, which is flushed row by row.
+    * A ``diverged`` run has no final loss or accuracy (records written before
+      this rule may hold them): a diverged model's numbers are no result.
     """
+    if summary.get("status") == "diverged":
+        return {**summary, **{f"final_{s}_{m}": None for s in ("train", "val", "test") for m in ("loss", "accuracy")}}
     if summary.get("status") != "running" or is_alive(path):
         return summary
     steps = [s for s in metrics.get("step", []) if math.isfinite(s)]
@@ -385,3 +390,75 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no run directories (with summary.json) in {', '.join(map(str, paths))}")
     return found
+
+
+# --------------------------------------------------------------------------- loading for use
+
+
+@dataclass
+class LoadedRun:
+    """A run directory made usable: the resolved config, the model with weights, the records.
+
+    ``model`` is in eval mode on ``device``; ``weights`` names the file its
+    parameters came from (``model.pt``, ``best.pt`` or ``checkpoint.pt``);
+    ``run`` holds the summary, the per-step metrics and the evaluations.
+    """
+
+    config: "Any"  # bpfree.config.Config
+    model: "Any"  # torch.nn.Module
+    run: Run
+    weights: str
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.run.summary
+
+    @property
+    def metrics(self) -> dict[str, list[float]]:
+        return self.run.metrics
+
+
+def load(path: str | Path, *, weights: str = "last", device: str = "cpu") -> LoadedRun:
+    """Read ``path`` for evaluation or further training in your own code.
+
+    ``weights="last"``: the final parameters (``model.pt``, written with
+    ``train.save_model``) of a run that finished, else those of its latest
+    ``checkpoint.pt`` (an interrupted or killed run); ``weights="best"``: the
+    parameters at the lowest validation loss (``best.pt``, ``train.save_best``).
+    The model is rebuilt from the resolved ``config.toml`` (same architecture
+    and options) and its ``state_dict`` loaded with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: not a run directory, or no file with the weights asked for
+            (the message says which ``train.*`` option writes it).
+        ValueError: ``weights`` is not ``"last"`` or ``"best"``.
+    """
+    import torch
+
+    from bpfree import checkpoint, models
+    from bpfree import config as config_lib
+
+    path = Path(path)
+    if weights not in ("last", "best"):
+        raise ValueError(f"weights must be 'last' or 'best', got {weights!r}")
+    run = read_run(path)
+    cfg = config_lib.resolve(config_lib.load(path / "config.toml"))
+    finished = run.summary.get("status") in ("completed", "diverged", "interrupted", "failed")
+    if weights == "best":
+        candidates = ["best.pt"]
+    else:
+        candidates = ["model.pt", checkpoint.FILE] if finished else [checkpoint.FILE, "model.pt"]
+    found = next((name for name in candidates if (path / name).is_file()), None)
+    if found is None:
+        how = ("train.save_best = true" if weights == "best"
+               else "train.save_model = true (or a checkpoint: train.checkpoint_every_steps)")
+        raise FileNotFoundError(f"{path} holds no {' or '.join(candidates)}; runs write it with {how}")
+    if found == checkpoint.FILE:
+        state = checkpoint.load(path / found)["model"]
+    else:
+        state = torch.load(path / found, map_location="cpu", weights_only=True)
+    d = run.summary.get("data", {})
+    model = models.make(cfg.model.name, input_shape=tuple(d["input_shape"]), num_classes=int(d["num_classes"]),
+                        seed=cfg.train.seed, **cfg.model.options)
+    model.load_state_dict(state)
+    return LoadedRun(cfg, model.to(device).eval(), run, found)

@@ -949,7 +949,7 @@ def _run_trial(study: Study, state: _MethodState, trial: Any, role: str, out: Pa
     label = f"{m.name} {role} trial {trial.number}" + (f" seed {seed}" if role == "final" else "")
     with _Heartbeat(store, trial._trial_id, heartbeat_interval):
         try:
-            summary = train.run(cfg, run_dir, label=label, overwrite=True)
+            summary = train.run_or_resume(cfg, run_dir, label=label)  # a killed trial continues from its checkpoint
         except KeyboardInterrupt:
             summary = {"status": "interrupted"}
         except Exception as e:
