@@ -472,6 +472,7 @@ def resolve(config: Config) -> Config:
     )
     est_options = dict(c.estimator.options)
     _check_options(c.estimator, estimators.option_names(c.estimator.name))
+    _check_types(c.estimator, estimators.registry._lookup(c.estimator.name), "estimator")
     if "seed" in estimators.option_names(c.estimator.name) and "seed" not in est_options:
         est_options["seed"] = c.train.seed
     try:
@@ -528,12 +529,66 @@ def _check_options(section: Any, valid: list[str]) -> None:
 
 
 def _with_defaults(section: Any, factory: Any, *, skip: tuple[str, ...]) -> dict[str, Any]:
-    """``section.options`` checked against ``factory``'s signature, with its defaults filled in."""
+    """``section.options`` checked against ``factory``'s signature (names, and types where
+    annotated), with its defaults filled in."""
     params = {k: p for k, p in inspect.signature(factory).parameters.items() if k not in skip}
     _check_options(section, list(params))
+    _check_types(section, factory, {DataConfig: "data", ModelConfig: "model"}.get(type(section), "option"))
     out = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     out.update(section.options)
     return {k: _plain(v) for k, v in out.items() if v is not None}
+
+
+def _check_types(section: Any, factory: Any, kind: str) -> None:
+    """Raise :class:`ConfigError` for an option whose value does not fit ``factory``'s annotation."""
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # annotations that do not evaluate: names are checked, types are not
+        return
+    for key, value in section.options.items():
+        if key in hints and _fits(hints[key], value) is False:
+            raise ConfigError(f"{kind}.{key} of {section.name!r} must be {_hint_name(hints[key])}, got {value!r}")
+
+
+def _fits(tp: Any, value: Any) -> bool | None:
+    """Whether ``value`` fits the annotation ``tp`` (``None``: an annotation this check does not know)."""
+    import collections.abc
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        results = [_fits(a, value) for a in args]
+        return True if any(r is True for r in results) else (None if None in results else False)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args else None
+        return None if item is None else all(_fits(item, v) is not False for v in value)
+    return None
+
+
+def _hint_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in args)
+    if tp is type(None):
+        return "unset"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple) or str(origin) == "<class 'collections.abc.Sequence'>":
+        return f"a list of {_hint_name(args[0])}s" if args else "a list"
+    return _type_name(tp)
 
 
 def _check_name(key: str, value: str, valid: list[str]) -> None:

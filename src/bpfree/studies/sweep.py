@@ -192,7 +192,12 @@ def load_study(path: str | Path, *, preset: str | None = None, overrides: Iterab
         raise ConfigError(f"study file {str(path)!r} does not exist (shipped studies, usable by name: {names})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    return from_dict(raw, preset=preset, overrides=overrides, source=str(path))
+    try:
+        return from_dict(raw, preset=preset, overrides=overrides, source=str(path))
+    except (TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
+        # a value of the wrong kind that no specific check above named (e.g. a table where a list goes)
+        raise ConfigError(f"{path}: a value has the wrong type or shape ({type(e).__name__}: {e}); "
+                          "see docs/sweeps.md for the study file format") from None
 
 
 def shipped_studies() -> dict[str, Path]:
@@ -217,13 +222,14 @@ def from_dict(
         if key not in STUDY_KEYS:
             raise ConfigError(f"{source}: unknown key study.{key}{_near(key, STUDY_KEYS)}")
     objective = s.get("objective", "val_loss")
-    if objective not in OBJECTIVES:
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
         raise ConfigError(f"{source}: study.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     missing = s.get("missing_data", "error")
-    if missing not in ("error", "skip"):
+    if not isinstance(missing, str) or missing not in ("error", "skip"):
         raise ConfigError(f"{source}: study.missing_data must be 'error' or 'skip', got {missing!r}")
-    seeds = tuple(s.get("seeds", (1, 2, 3)))
-    if not seeds or not all(isinstance(v, int) for v in seeds):
+    seeds = s.get("seeds", (1, 2, 3))
+    seeds = tuple(seeds) if isinstance(seeds, (list, tuple)) else (seeds,)
+    if not seeds or not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds):
         raise ConfigError(f"{source}: study.seeds must be a non-empty list of integers, got {list(seeds)!r}")
     base = config_lib.apply_overrides(merged.get("base", {}), overrides)
     config_lib.from_dict(base, origin=f"{source} [base]")  # keys checked here, values per method
