@@ -73,6 +73,8 @@ def soak(label: str, estimator: dict, steps: int, warmup_steps: int, every: int,
         summary = train.run(cfg, out / label.replace(" ", "_").replace(":", "-"))
     finally:
         runs.RunWriter.log_step = original
+    if summary["status"] != "completed" or not samples:
+        raise SystemExit(f"{label}: {summary['status']} after {summary['steps']} steps ({summary.get('reason')})")
     base = next((r for s, r in samples if s >= warmup_steps), None)
     after = [r for s, r in samples if s >= warmup_steps]
     growth = max(after) / base - 1 if base else float("nan")

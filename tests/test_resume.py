@@ -243,3 +243,56 @@ def test_keep_checkpoint_then_train_further(tmp_path):
     cfg.write_text(text.replace("max_steps = 60", "max_steps = 120"))
     reference_run(cfg, tmp_path / "b")
     assert_identical(tmp_path / "a", tmp_path / "b", evals=False)  # 'a' also evaluated at its first end
+
+
+SWEEP_STUDY = """
+[study]
+name = "ck"
+objective = "val_loss"
+seeds = [1]
+sampler = "grid"
+budget = { steps = 40 }
+
+[base.data]
+name = "synthetic"
+num_train = 200
+batch_size = 16
+
+[base.model]
+name = "mlp"
+hidden = [8]
+
+[base.train]
+warmup = false
+checkpoint_every_steps = 5
+
+[method.m]
+set = { "estimator.name" = "spsa", "optimizer.name" = "adam" }
+space = { "optimizer.lr" = [0.01] }
+"""
+
+
+def test_a_sweep_trial_interrupted_mid_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from bpfree import train
+    from bpfree.studies import sweep
+
+    path = tmp_path / "ck.toml"
+    path.write_text(SWEEP_STUDY)
+    original = train._Loop.stop_if_signalled
+
+    def ctrl_c_after_step_17(self):
+        if self.step == 17:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(train._Loop, "stop_if_signalled", ctrl_c_after_step_17)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(sweep.load_study(path), tmp_path / "out", methods=["m"], log=lambda line: None)
+    trial_dir = tmp_path / "out" / "m" / "trial-0000"
+    assert checkpoint.load(trial_dir / checkpoint.FILE)["step"] == 17
+    monkeypatch.undo()
+    sweep.run(sweep.load_study(path), tmp_path / "out", methods=["m"], log=lambda line: None)
+    summary = json.loads((trial_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 40 and len(summary["resumed_at"]) == 1
+    assert [int(r["step"]) for r in rows(trial_dir / "metrics.csv")] == list(range(1, 41))
+    assert not (tmp_path / "out" / "m" / "trial-0001").exists()  # the retry worked in the dead trial's directory

@@ -515,7 +515,9 @@ def recover(study: Any) -> list[int]:
 
 def _requeue(study: Any, t: Any) -> None:
     attrs = {k: v for k, v in t.user_attrs.items() if k in (_ATTR + "seed", _ATTR + "role")}
-    study.enqueue_trial(dict(t.params), user_attrs={**attrs, _ATTR + "retry_of": t.number})
+    # dir_number: the retry works in the dead trial's run directory, so it resumes from its checkpoint
+    study.enqueue_trial(dict(t.params), user_attrs={**attrs, _ATTR + "retry_of": t.number,
+                                                    _ATTR + "dir_number": t.user_attrs.get(_ATTR + "dir_number", t.number)})
 
 
 def _retried(trials: Sequence[Any]) -> set[int]:
@@ -940,15 +942,16 @@ def _run_trial(study: Study, state: _MethodState, trial: Any, role: str, out: Pa
     m = state.method
     trial.set_user_attr(_ATTR + "worker", {**WORKER, "pid": os.getpid()})
     owner = state.search if role == "search" else state.final
+    number = int(trial.user_attrs.get(_ATTR + "dir_number", trial.number))  # a retry: the dead trial's dir
     if role == "search":
         values = suggest(trial, m)
         seed = study.search_seed
-        run_dir = out / m.name / f"trial-{trial.number:04d}"
+        run_dir = out / m.name / f"trial-{number:04d}"
     else:
         seed = int(trial.suggest_categorical("seed", list(study.seeds)))
         best = owner.user_attrs[_ATTR + "best_params"]
         values = {k: _decode(v) for k, v in best.items()}
-        run_dir = out / m.name / "final" / f"trial-{trial.number:04d}-seed-{seed}"
+        run_dir = out / m.name / "final" / f"trial-{number:04d}-seed-{seed}"
     cfg = method_config(study, m, values, seed=seed, budget=state.steps_budget)
     cfg = config_lib.resolve(config_lib.updated(cfg, {"train.progress": False, "train.measure": role == "final"}))
     trial.set_user_attr(_ATTR + "run_dir", str(run_dir))
