@@ -154,7 +154,9 @@ def _refuse_above(parts: dict[str, int], available: int, where: str) -> None:
 def format_bytes(n: float) -> str:
     if n >= 1e3 * GIB:
         return f"{n / GIB:.3g} GiB"
-    return f"{n / GIB:.2f} GiB" if n >= 0.01 * GIB else f"{n / 2**20:.1f} MiB"
+    if n >= 0.01 * GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 0.1 * 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def is_out_of_memory(e: BaseException) -> bool:
