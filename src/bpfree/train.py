@@ -368,6 +368,7 @@ class _Loop:
                 self.measure()
             self.evaluate("val")
         self.last_checkpoint = time.monotonic()
+        self.stop_if_signalled()  # a signal during the warm-up, measurement or first evaluation
         bar = _progress_bar(self.cfg, self.steps_per_epoch, initial=self.step)
         try:
             while self.stopped_by is None and self.status == "running":
