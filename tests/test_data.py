@@ -186,13 +186,13 @@ def test_mnist1d_generated_and_cached(mnist1d_root):
 
 def test_cifar10_from_generated_pickles(tmp_path):
     first = write_fake_cifar(tmp_path / "cifar-10-batches-py")
-    ds = data.load("cifar10", root=tmp_path, val_fraction=0.2)
+    ds = data.load("cifar10", root=tmp_path, val_fraction=0.2, verify=False)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (80, 20, 10)
     assert ds.train.x.shape == (80, 3, 32, 32) and ds.input_shape == (3, 32, 32)
     assert len(ds.normalization.mean) == 3 and "official python batches" in ds.source
     assert_standardised(ds.train)
     # Example 0 of data_batch_1: rows of 3072 are channel-major (1024 R, 1024 G, 1024 B).
-    full = data.load("cifar10", root=tmp_path, val_fraction=0.0)
+    full = data.load("cifar10", root=tmp_path, val_fraction=0.0, verify=False)
     raw = torch.tensor(first[0].reshape(3, 32, 32), dtype=torch.float32) / 255
     mean = torch.tensor(full.normalization.mean).view(3, 1, 1)
     std = torch.tensor(full.normalization.std).view(3, 1, 1)
@@ -202,8 +202,35 @@ def test_cifar10_from_generated_pickles(tmp_path):
 def test_cifar10_under_bpfree_data(tmp_path, monkeypatch):
     write_fake_cifar(tmp_path / "cifar10" / "cifar-10-batches-py", per_batch=4, n_test=3)
     monkeypatch.setenv("BPFREE_DATA", str(tmp_path))
-    ds = data.load("cifar10", val_fraction=0.0)
+    ds = data.load("cifar10", val_fraction=0.0, verify=False)
     assert (len(ds.train), len(ds.test)) == (20, 3)
+
+
+def test_cifar10_checks_the_official_md5(tmp_path):
+    write_fake_cifar(tmp_path / "cifar-10-batches-py", per_batch=4, n_test=3)
+    with pytest.raises(data.DatasetNotFoundError, match="data_batch_1: MD5 .* official file's is c99cafc1"):
+        data.load("cifar10", root=tmp_path)
+
+
+class _RunsCode:
+    """What a crafted pickle carries: unpickling it calls os.system (or anything else)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_cifar10_refuses_a_crafted_pickle(tmp_path, monkeypatch):
+    d = tmp_path / "cifar-10-batches-py"
+    write_fake_cifar(d, per_batch=4, n_test=3)
+    with open(d / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _RunsCode(), b"labels": [0]}, f, protocol=2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DatasetNotFoundError, match="data_batch_3 is not a CIFAR-10 python batch.*refusing "
+                       "(posix|os).system"):
+        data.load("cifar10", root=tmp_path, verify=False)
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_idx_files_from_root_and_bpfree_data(tmp_path, monkeypatch):
@@ -244,7 +271,7 @@ def test_download_idx_and_cifar_via_file_urls(tmp_path, monkeypatch):
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     monkeypatch.setattr(sets, "CIFAR_URL", archive.as_uri())
     monkeypatch.setattr(sets, "CIFAR_MD5", data_files.md5(archive))
-    ds = data.load("cifar10", download=True, val_fraction=0.0)
+    ds = data.load("cifar10", download=True, val_fraction=0.0, verify=False)
     assert (len(ds.train), len(ds.test)) == (15, 2)
     assert (tmp_path / "home" / "cifar10" / "cifar-10-batches-py" / "test_batch").is_file()
 

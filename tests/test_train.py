@@ -140,8 +140,24 @@ def test_divergence_stops_with_status_step_and_intact_metrics(tmp_path):
     metrics = read_csv(tmp_path / "metrics.csv")
     assert [int(r["step"]) for r in metrics] == list(range(1, step + 1))
     last = metrics[-1]
-    assert not math.isfinite(float(last["loss"])) or not math.isfinite(float(last["grad_norm"]))
-    assert all(math.isfinite(float(r["loss"])) for r in metrics[:-2])
+    bound = summary["divergence_bound"]
+    assert bound == pytest.approx(100 * float(metrics[0]["loss"]))  # train.divergence_factor x the first loss
+    assert not math.isfinite(float(last["loss"])) or float(last["loss"]) > bound
+    assert "divergence bound" in summary["reason"] and "the update was not applied" in summary["reason"]
+    assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) <= bound for r in metrics[:-1])
+    # a diverged model is no result: no final loss or accuracy, no train/test evaluation
+    assert all(summary[f"final_{s}_{m}"] is None for s in ("train", "val", "test") for m in ("loss", "accuracy"))
+    assert {r["split"] for r in read_csv(tmp_path / "eval.csv")} == {"val"}
+
+
+def test_divergence_bound_from_config_and_validation_loss(tmp_path):
+    # an absolute bound below the step-0 validation loss stops the run at once, as diverged at step 0
+    summary = train.run(tiny(train={"divergence_bound": 1e-3}), tmp_path / "a")
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 0 and summary["steps"] == 0
+    assert summary["reason"].startswith("validation loss") and "train.divergence_bound" in summary["reason"]
+    # a bound the run never reaches leaves it completed
+    summary = train.run(tiny(train={"divergence_bound": 1e6}), tmp_path / "b")
+    assert summary["status"] == "completed" and summary["divergence_bound"] == 1e6
 
 
 def test_divergence_from_a_nan_closure(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 ::
 
     bpfree train CONFIG.toml [--set KEY=VALUE ...] [--out DIR]
+    bpfree train --resume RUN_DIR [--set train.max_steps=N ...]
     bpfree compare --task DATA/MODEL --estimators SPEC,SPEC,... [--budget steps=N|seconds=S|epochs=E]
                    [--lr SPEC_OR_NAME=LR ...] [--config FILE] [--set KEY=VALUE ...] [--out DIR]
     bpfree measure --task DATA/MODEL [--estimators SPEC,...] [--batch B] [--repeats R] [--out DIR]
@@ -11,17 +12,26 @@
     bpfree sweep STUDY.toml [--preset NAME] [--storage URL] [--out DIR] [--n-trials N] [--workers N]
                  [--methods a,b] [--set KEY=VALUE ...] [--overwrite] [--report-only]
 
-Errors in what the user asked for (unknown key, estimator, data set; a
-missing data file; an existing output directory) are printed as one line to
-stderr with exit status 2. ``train`` exits 0 when the run completed, 1 when
-it diverged or failed, 130 when interrupted; ``compare`` and ``sweep`` exit 0
-once their report is written (a diverged run is a result), 130 when interrupted.
+Every expected failure (unknown key, estimator, data set; an invalid value;
+a missing data file; an existing output directory; a file that cannot be
+read or written; a run too large for this machine's memory, or an allocation
+that failed anyway) is printed as one line ``bpfree: error: ...`` to stderr
+with exit status 2 and no traceback; ``--debug`` (anywhere on the command
+line) shows the traceback instead. An unexpected exception is one line too,
+with exit status 1 and a pointer to ``--debug``. SIGTERM (what ``timeout``,
+SLURM, Kubernetes and ``docker stop`` send) is handled like Ctrl-C. ``train``
+exits 0 when the run completed, 1 when it diverged or failed, 130 when
+interrupted; ``compare`` and ``sweep`` exit 0 once their report is written (a
+diverged run is a result), 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +42,7 @@ from bpfree.config import ConfigError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bpfree", description="Train without backpropagation, measured against it.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (allowed anywhere)")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,compare,measure,probe,study,sweep,report}")
 
     def common(q: argparse.ArgumentParser) -> None:
@@ -50,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     t = sub.add_parser("train", help="train one config and write its run directory")
-    t.add_argument("config", type=Path, help="TOML config file (see configs/)")
+    t.add_argument("config", type=Path, nargs="?", help="TOML config file (see configs/)")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue a killed or interrupted run from its checkpoint (bit-identical on CPU); "
+                   "--set may change only the budget and checkpointing")
     common(t)
 
     c = sub.add_parser(
@@ -137,21 +151,81 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bpfree`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
+    previous = _sigterm_as_interrupt()
     try:
         commands = {"train": _train, "compare": _compare, "measure": _measure, "probe": _probe, "study": _study,
                     "sweep": _sweep, "report": _report}
         return commands[args.command](args)
-    except (ConfigError, data.DatasetNotFoundError, runs.RunExistsError, FileNotFoundError) as e:
-        print(f"bpfree: error: {_one_line(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("bpfree: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        status, message = describe_error(e)
+        print(f"bpfree: error: {message}", file=sys.stderr)
+        return status
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM raises ``KeyboardInterrupt`` like Ctrl-C (main thread only); returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+# Failures in what the user asked for or in the machine's resources: exit status 2, one line.
+EXPECTED_ERRORS = (ConfigError, ValueError, data.DatasetNotFoundError, runs.RunExistsError, runs.RunBusyError,
+                   OSError, MemoryError, LookupError)
+
+
+def describe_error(e: BaseException) -> tuple[int, str]:
+    """``(exit status, one-line message)`` for an exception reaching the command line."""
+    import torch
+
+    from bpfree import limits
+
+    if limits.is_out_of_memory(e):
+        return 2, (f"out of memory ({_one_line(e)}); {limits.format_bytes(limits.available_bytes())} available now: "
+                   "make the run smaller (data, batch, estimator.num_directions, model)")
+    if isinstance(e, OSError) and not isinstance(e, runs.RunExistsError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        what = {IsADirectoryError: "is a directory, a file is needed", NotADirectoryError: "a file is in the way "
+                "of a directory", FileExistsError: "exists and is not a directory", PermissionError: "permission denied"}
+        kind = next((v for k, v in what.items() if isinstance(e, k)), e.strerror)
+        return 2, f"{kind}{where}"
+    if isinstance(e, EXPECTED_ERRORS) and not isinstance(e, torch.OutOfMemoryError):
+        return 2, _one_line(e)
+    return 1, f"internal error: {type(e).__name__}: {_one_line(e)} (run again with --debug for the traceback)"
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def _not_empty(args: argparse.Namespace, *names: str) -> None:
+    """An option given as an empty string is an error, never silently the default."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not str(value).strip(" ,"):
+            raise ConfigError(f"--{name.replace('_', '-')} is empty; give a value or leave the option out")
+
+
+def _at_least(args: argparse.Namespace, name: str, low: int) -> None:
+    value = getattr(args, name, None)
+    if value is not None and value < low:
+        raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -159,10 +233,17 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = config_lib.resolve(config_lib.load(args.config, _overrides(args)))
-    out = args.out or Path(cfg.run.out) / cfg.run.name
+    if (args.config is None) == (args.resume is None):
+        raise ConfigError("bpfree train takes either CONFIG (a new run) or --resume RUN_DIR (continue one)")
+    if args.resume is not None:
+        if args.out is not None or args.overwrite:
+            raise ConfigError("--resume continues RUN_DIR in place; it takes no --out or --overwrite")
+        out = args.resume
+    else:
+        cfg = config_lib.resolve(config_lib.load(args.config, _overrides(args)))
+        out = args.out or Path(cfg.run.out) / cfg.run.name
     try:
-        summary = train.run(cfg, out, overwrite=args.overwrite)
+        summary = train.resume(out, _overrides(args)) if args.resume else train.run(cfg, out, overwrite=args.overwrite)
     except estimators.UnsupportedModelError as e:
         print(f"bpfree: error: {_one_line(e)} (run record in {out})", file=sys.stderr)
         return 1
@@ -201,7 +282,8 @@ def _compare(args: argparse.Namespace) -> int:
     from bpfree.studies import compare
 
     base = _task_config(args)
-    if args.budget:
+    _not_empty(args, "budget", "estimators")
+    if args.budget is not None:
         budget = compare.parse_budget(args.budget)
     elif all(getattr(base.train, k) is None for k in ("epochs", "max_steps", "max_seconds")):
         budget = compare.parse_budget("epochs=1")
@@ -229,6 +311,9 @@ def _measure(args: argparse.Namespace) -> int:
     from bpfree.studies import compare
     from bpfree.studies.measure import run_measure
 
+    _not_empty(args, "estimators")
+    for name in ("batch", "repeats", "cosine_draws"):
+        _at_least(args, name, 1)
     base = _task_config(args)
     specs = compare.parse_specs(args.estimators or list(base.compare.estimators) or estimators.available())
     out = args.out or Path(base.run.out) / f"measure-{base.data.name}-{base.model.name}"
@@ -243,11 +328,18 @@ def _probe(args: argparse.Namespace) -> int:
 
     def ints(text: str, what: str) -> tuple[int, ...]:
         try:
-            return tuple(int(v) for v in text.split(",") if v.strip())
+            values = tuple(int(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise ConfigError(f"--{what} expects comma-separated integers, got {text!r}") from None
+            values = ()
+        if not values or min(values) < 1:
+            raise ConfigError(f"--{what} expects comma-separated integers >= 1, got {text!r}")
+        return values
 
+    _at_least(args, "samples", 2)
+    _at_least(args, "batch", 1)
     names = tuple(n.strip() for n in args.estimators.split(",") if n.strip())
+    if not names:
+        raise ConfigError(f"--estimators expects comma-separated estimator names, got {args.estimators!r}")
     for n in names:
         try:
             estimators.option_names(n)
@@ -274,6 +366,7 @@ def _study(args: argparse.Namespace) -> int:
             names = ", ".join(sorted(importlib.import_module(module).presets()))
             print(f"{name}: {what}\n    presets: {names} (default {default})")
         return 0
+    _not_empty(args, "preset")
     preset = args.preset or studies.STUDIES.get(args.name, ("", "", ""))[2]
     out = args.out or Path("runs") / f"{args.name}-{preset}"
     if args.report_only:
@@ -296,6 +389,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from bpfree.studies import sweep
 
+    _not_empty(args, "methods", "preset", "storage")
     study = sweep.load_study(args.study, preset=args.preset, overrides=args.overrides)
     out = args.out or Path("runs") / ("sweep-" + study.name + (f"-{study.preset}" if study.preset else ""))
     if args.report_only:

@@ -9,7 +9,8 @@ A config has one table per concern::
     [optimizer]  name (sgd | nesterov | adam | adamw), lr, momentum, betas, eps, weight_decay
     [schedule]   decay                      (lr_t = lr · exp(−decay · t), see ScheduleConfig)
     [train]      epochs, max_steps, max_seconds, clip_grad_norm, eval_every_steps, seed, device,
-                 warmup, measure, progress, save_model
+                 warmup, measure, progress, save_model, save_best, checkpoint_every_steps,
+                 checkpoint_every_seconds, keep_checkpoint, divergence_factor, divergence_bound
     [run]        out, name
     [compare]    estimators, lr             (only read by ``bpfree compare``)
 
@@ -156,7 +157,9 @@ class TrainConfig:
     one training step (``bpfree.measure``) in ``summary.json``. ``save_model``
     writes the final parameters to ``model.pt`` in the run directory
     (``torch.save`` of the ``state_dict``), also when the run diverged or was
-    interrupted. ``accumulate = n`` averages the estimates of n consecutive
+    interrupted; ``save_best`` writes ``best.pt`` whenever the validation loss
+    reaches a new low (``bpfree.runs.load(DIR, weights="best")`` reads it).
+    ``accumulate = n`` averages the estimates of n consecutive
     minibatches before each optimizer step (``bpfree.estimators.accumulate``;
     every estimator, backprop included); steps count optimizer steps, and an
     epoch's last step averages what is left.
@@ -174,6 +177,12 @@ class TrainConfig:
     progress: bool = True
     save_model: bool = False
     accumulate: int = 1
+    save_best: bool = False
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_seconds: float | None = 600.0
+    keep_checkpoint: bool = False
+    divergence_factor: float = 100.0
+    divergence_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,12 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {str(path)!r} is a directory; give a TOML file (e.g. configs/quick.toml)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; give a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     raw = apply_overrides(raw, overrides)
@@ -462,6 +477,7 @@ def resolve(config: Config) -> Config:
     )
     est_options = dict(c.estimator.options)
     _check_options(c.estimator, estimators.option_names(c.estimator.name))
+    _check_types(c.estimator, estimators.registry._lookup(c.estimator.name), "estimator")
     if "seed" in estimators.option_names(c.estimator.name) and "seed" not in est_options:
         est_options["seed"] = c.train.seed
     try:
@@ -518,12 +534,66 @@ def _check_options(section: Any, valid: list[str]) -> None:
 
 
 def _with_defaults(section: Any, factory: Any, *, skip: tuple[str, ...]) -> dict[str, Any]:
-    """``section.options`` checked against ``factory``'s signature, with its defaults filled in."""
+    """``section.options`` checked against ``factory``'s signature (names, and types where
+    annotated), with its defaults filled in."""
     params = {k: p for k, p in inspect.signature(factory).parameters.items() if k not in skip}
     _check_options(section, list(params))
+    _check_types(section, factory, {DataConfig: "data", ModelConfig: "model"}.get(type(section), "option"))
     out = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     out.update(section.options)
     return {k: _plain(v) for k, v in out.items() if v is not None}
+
+
+def _check_types(section: Any, factory: Any, kind: str) -> None:
+    """Raise :class:`ConfigError` for an option whose value does not fit ``factory``'s annotation."""
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # annotations that do not evaluate: names are checked, types are not
+        return
+    for key, value in section.options.items():
+        if key in hints and _fits(hints[key], value) is False:
+            raise ConfigError(f"{kind}.{key} of {section.name!r} must be {_hint_name(hints[key])}, got {value!r}")
+
+
+def _fits(tp: Any, value: Any) -> bool | None:
+    """Whether ``value`` fits the annotation ``tp`` (``None``: an annotation this check does not know)."""
+    import collections.abc
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        results = [_fits(a, value) for a in args]
+        return True if any(r is True for r in results) else (None if None in results else False)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args else None
+        return None if item is None else all(_fits(item, v) is not False for v in value)
+    return None
+
+
+def _hint_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in args)
+    if tp is type(None):
+        return "unset"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple) or str(origin) == "<class 'collections.abc.Sequence'>":
+        return f"a list of {_hint_name(args[0])}s" if args else "a list"
+    return _type_name(tp)
 
 
 def _check_name(key: str, value: str, valid: list[str]) -> None:
@@ -551,7 +621,8 @@ def _check_range(c: Config) -> None:
         any(v is not None for v in (t.epochs, t.max_steps, t.max_seconds)),
         "set a budget: train.epochs, train.max_steps or train.max_seconds (whichever ends first)",
     )
-    for key in ("epochs", "max_steps", "max_seconds", "clip_grad_norm", "eval_every_steps"):
+    for key in ("epochs", "max_steps", "max_seconds", "clip_grad_norm", "eval_every_steps",
+                "checkpoint_every_steps", "checkpoint_every_seconds", "divergence_bound"):
         v = getattr(t, key)
         need(v is None or v > 0, f"train.{key} must be > 0 (or unset), got {v}")
     need(isinstance(t.accumulate, int) and not isinstance(t.accumulate, bool) and t.accumulate >= 1,
@@ -559,6 +630,7 @@ def _check_range(c: Config) -> None:
     need(t.accumulate == 1 or not (c.estimator.name == "mezo" and c.estimator.options.get("lr") is not None),
          "train.accumulate > 1 cannot average MeZO's update mode (estimator.lr steps inside every estimate); "
          "unset estimator.lr and use an optimizer")
+    need(t.divergence_factor > 1, f"train.divergence_factor must be > 1, got {t.divergence_factor}")
 
 
 # --------------------------------------------------------------------------- writing

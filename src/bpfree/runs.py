@@ -9,6 +9,12 @@ Every run writes one directory, enough to rebuild any report without re-running:
                    run starts and replaced atomically (write + rename) when it ends
     error.txt      the traceback, only when status is "failed"
     model.pt       the final parameters (``state_dict``), only with ``train.save_model = true``
+    best.pt        the parameters at the lowest validation loss, only with ``train.save_best = true``
+    checkpoint.pt  everything needed to continue the run bit for bit (``bpfree.checkpoint``);
+                   ``bpfree train --resume DIR`` continues from it
+    run.lock       held (``flock``) by the process writing the run; a ``running`` summary
+                   whose lock nobody holds is a run that died without a final write: read
+                   back as status ``killed``, with its steps counted from ``metrics.csv``
 
 Columns of ``metrics.csv``: ``step`` (1-based index of the optimizer step),
 ``epoch`` (1-based epoch the step belongs to), ``loss`` (the estimator's loss on
@@ -47,13 +53,79 @@ METRICS_COLUMNS = (
     "wall_time_s",
 )
 EVAL_COLUMNS = ("step", "epoch", "split", "loss", "accuracy", "wall_time_s")
-RUN_FILES = ("config.toml", "metrics.csv", "eval.csv", "summary.json", "error.txt", "model.pt")
+RUN_FILES = ("config.toml", "metrics.csv", "eval.csv", "summary.json", "error.txt", "model.pt", "best.pt",
+             "checkpoint.pt")
+LOCK_FILE = "run.lock"
 
-STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
+STATUSES = ("running", "completed", "diverged", "interrupted", "failed", "killed")
 
 
 class RunExistsError(FileExistsError):
     """The output directory already holds a run (pass ``overwrite=True`` / ``--overwrite``)."""
+
+
+class RunBusyError(RuntimeError):
+    """Another live process is writing this run directory (it holds ``run.lock``)."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN_DIR/run.lock``, held while a process writes the run.
+
+    The kernel drops it when the process dies however it dies (SIGKILL, OOM
+    kill, power loss), so :func:`is_alive` tells a live run from a dead one
+    without trusting PIDs. POSIX only; elsewhere it is a no-op.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no liveness tracking
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunBusyError(f"{self.path.parent} is being written by another live process; wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def is_alive(path: str | Path) -> bool:
+    """Whether a live process holds the run directory's ``run.lock`` (see :class:`RunLock`)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True  # cannot tell: never call a run dead
+    try:
+        fd = os.open(Path(path) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class RunWriter:
@@ -87,6 +159,41 @@ class RunWriter:
         f.flush()
         return w
 
+    @classmethod
+    def reopen(cls, path: str | Path, offsets: dict[str, int], config_toml: str | None = None) -> "RunWriter":
+        """Continue writing a run directory (``--resume``): ``metrics.csv`` and ``eval.csv`` are cut
+        back to the byte lengths ``offsets`` recorded with the checkpoint (rows written after it are
+        written again, identically) and appended to; ``config.toml`` is replaced if given."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        if config_toml is not None:
+            write_text(self.path / "config.toml", config_toml)
+        self._files = []
+        for name, columns in (("metrics.csv", METRICS_COLUMNS), ("eval.csv", EVAL_COLUMNS)):
+            file = self.path / name
+            size = file.stat().st_size if file.is_file() else -1
+            if size < offsets[name]:
+                raise ValueError(f"{file} is shorter ({size} bytes) than when the checkpoint was written "
+                                 f"({offsets[name]} bytes); the run directory was changed, resume is not possible")
+            os.truncate(file, offsets[name])
+            f = open(file, "a", newline="")
+            self._files.append(f)
+            w = csv.DictWriter(f, fieldnames=columns)
+            if name == "metrics.csv":
+                self._metrics = w
+            else:
+                self._eval = w
+        return self
+
+    def sync(self) -> dict[str, int]:
+        """Flush and fsync ``metrics.csv`` and ``eval.csv``; return their byte lengths (for a checkpoint)."""
+        sizes = {}
+        for name, f in zip(("metrics.csv", "eval.csv"), self._files):
+            f.flush()
+            os.fsync(f.fileno())
+            sizes[name] = f.tell()
+        return sizes
+
     def log_step(self, row: dict[str, Any]) -> None:
         """Append one ``metrics.csv`` row and flush it to the OS."""
         self._metrics.writerow({k: _cell(v) for k, v in row.items()})
@@ -101,13 +208,17 @@ class RunWriter:
         """Replace ``summary.json`` atomically."""
         write_json(self.path / "summary.json", summary)
 
-    def write_model(self, model: "torch.nn.Module") -> None:
-        """``model.pt``: the ``state_dict``, written to a temporary file and renamed (never half-written)."""
+    def write_model(self, model: "torch.nn.Module", name: str = "model.pt") -> None:
+        """``model.pt`` (or ``name``): the ``state_dict``, written to a temporary file, fsynced and
+        renamed (never half-written)."""
         import torch
 
-        part = self.path / "model.pt.part"
-        torch.save(model.state_dict(), part)
-        os.replace(part, self.path / "model.pt")
+        part = self.path / f"{name}.part"
+        with open(part, "wb") as f:
+            torch.save(model.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, self.path / name)
 
     def write_error(self, text: str) -> None:
         (self.path / "error.txt").write_text(text)
@@ -140,6 +251,17 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` via a temporary file, fsync and ``os.replace`` (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -197,10 +319,39 @@ def read_run(path: str | Path) -> Run:
     for row in _read_csv(path / "metrics.csv"):
         for c in METRICS_COLUMNS:
             metrics[c].append(_number(row.get(c)))
+    summary = as_reported(path, summary, metrics)
     evals = [
         {k: (v if k == "split" else _number(v)) for k, v in row.items()} for row in _read_csv(path / "eval.csv")
     ]
     return Run(path, config, summary, metrics, evals)
+
+
+def as_reported(path: Path, summary: dict[str, Any], metrics: dict[str, list[float]]) -> dict[str, Any]:
+    """``summary`` as it stands now, for reports.
+
+    * A ``running`` run whose writer is gone becomes ``killed``; its ``steps``
+      (and ``epochs_completed``, ``train_seconds``) are taken from the complete
+      rows of ``metrics.csv``, which is flushed row by row.
+    * A ``diverged`` run has no final loss or accuracy (records written before
+      this rule may hold them): a diverged model's numbers are no result.
+    """
+    if summary.get("status") == "diverged":
+        return {**summary, **{f"final_{s}_{m}": None for s in ("train", "val", "test") for m in ("loss", "accuracy")}}
+    if summary.get("status") != "running" or is_alive(path):
+        return summary
+    steps = [s for s in metrics.get("step", []) if math.isfinite(s)]
+    n = int(max(steps)) if steps else 0
+    per_epoch = summary.get("steps_per_epoch")
+    wall = [w for w in metrics.get("wall_time_s", []) if math.isfinite(w)]
+    return {
+        **summary,
+        "status": "killed",
+        "steps": n,
+        "epochs_completed": n / per_epoch if per_epoch else None,
+        "train_seconds": wall[-1] if wall else summary.get("train_seconds"),
+        "reason": "the process died without a final write (SIGKILL, OOM kill or power loss); "
+        f"steps counted from metrics.csv; continue it with: bpfree train --resume {path}",
+    }
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -239,3 +390,75 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no run directories (with summary.json) in {', '.join(map(str, paths))}")
     return found
+
+
+# --------------------------------------------------------------------------- loading for use
+
+
+@dataclass
+class LoadedRun:
+    """A run directory made usable: the resolved config, the model with weights, the records.
+
+    ``model`` is in eval mode on ``device``; ``weights`` names the file its
+    parameters came from (``model.pt``, ``best.pt`` or ``checkpoint.pt``);
+    ``run`` holds the summary, the per-step metrics and the evaluations.
+    """
+
+    config: "Any"  # bpfree.config.Config
+    model: "Any"  # torch.nn.Module
+    run: Run
+    weights: str
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.run.summary
+
+    @property
+    def metrics(self) -> dict[str, list[float]]:
+        return self.run.metrics
+
+
+def load(path: str | Path, *, weights: str = "last", device: str = "cpu") -> LoadedRun:
+    """Read ``path`` for evaluation or further training in your own code.
+
+    ``weights="last"``: the final parameters (``model.pt``, written with
+    ``train.save_model``) of a run that finished, else those of its latest
+    ``checkpoint.pt`` (an interrupted or killed run); ``weights="best"``: the
+    parameters at the lowest validation loss (``best.pt``, ``train.save_best``).
+    The model is rebuilt from the resolved ``config.toml`` (same architecture
+    and options) and its ``state_dict`` loaded with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: not a run directory, or no file with the weights asked for
+            (the message says which ``train.*`` option writes it).
+        ValueError: ``weights`` is not ``"last"`` or ``"best"``.
+    """
+    import torch
+
+    from bpfree import checkpoint, models
+    from bpfree import config as config_lib
+
+    path = Path(path)
+    if weights not in ("last", "best"):
+        raise ValueError(f"weights must be 'last' or 'best', got {weights!r}")
+    run = read_run(path)
+    cfg = config_lib.resolve(config_lib.load(path / "config.toml"))
+    finished = run.summary.get("status") in ("completed", "diverged", "interrupted", "failed")
+    if weights == "best":
+        candidates = ["best.pt"]
+    else:
+        candidates = ["model.pt", checkpoint.FILE] if finished else [checkpoint.FILE, "model.pt"]
+    found = next((name for name in candidates if (path / name).is_file()), None)
+    if found is None:
+        how = ("train.save_best = true" if weights == "best"
+               else "train.save_model = true (or a checkpoint: train.checkpoint_every_steps)")
+        raise FileNotFoundError(f"{path} holds no {' or '.join(candidates)}; runs write it with {how}")
+    if found == checkpoint.FILE:
+        state = checkpoint.load(path / found)["model"]
+    else:
+        state = torch.load(path / found, map_location="cpu", weights_only=True)
+    d = run.summary.get("data", {})
+    model = models.make(cfg.model.name, input_shape=tuple(d["input_shape"]), num_classes=int(d["num_classes"]),
+                        seed=cfg.train.seed, **cfg.model.options)
+    model.load_state_dict(state)
+    return LoadedRun(cfg, model.to(device).eval(), run, found)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from bpfree.data.files import DatasetNotFoundError, data_home, download, find_file, read_idx
+from bpfree.data.files import DatasetNotFoundError, data_home, download, find_file, md5, read_idx
 
 
 class Raw(NamedTuple):
@@ -228,6 +228,15 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+# MD5 of the official extracted batches (https://www.cs.toronto.edu/~kriz/cifar.html; torchvision lists the same)
+CIFAR_BATCH_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
 
 
 def _cifar_dirs(root: Path | None) -> list[Path]:
@@ -247,12 +256,56 @@ def _cifar_how_to(searched: list[Path]) -> str:
     )
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    # The official format is a pickle; only load files from the official archive.
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return x, np.asarray(d[b"labels"], dtype=np.int64)
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 python batch and nothing else: a plain ``pickle.load`` of a crafted file
+    in the data directory would run its code.
+
+    The official batches (pickled by Python 2 with ``cPickle``) hold a dict of
+    bytes keys, bytes, lists of ints / bytes and one ``uint8`` numpy array;
+    building them needs only numpy's array reconstructor, ``ndarray``,
+    ``dtype`` (and ``_codecs.encode``, which Python 3 uses for bytes at
+    protocol 2). Any other global is refused.
+    """
+
+    _reconstruct = np.zeros(1).__reduce__()[0]  # numpy's array rebuild function, whatever its module
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): __import__("codecs").encode,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing {module}.{name}: an official CIFAR-10 batch holds only dicts, lists, bytes, ints and a "
+                "uint8 numpy array"
+            ) from None
+
+
+def _read_cifar_batch(path: Path, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file, read with :class:`CifarUnpickler`; with ``verify``, its MD5 must be the official one."""
+    expected = CIFAR_BATCH_MD5.get(path.name)
+    if verify and expected is not None:
+        got = md5(path)
+        if got != expected:
+            raise DatasetNotFoundError(
+                f"{path}: MD5 {got}, the official file's is {expected}; download it again ({CIFAR_URL}), or pass "
+                "data.verify = false for batches you made yourself in the same layout"
+            )
+    try:
+        with open(path, "rb") as f:
+            d = CifarUnpickler(f, encoding="bytes").load()
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetNotFoundError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    if len(x) != len(y):
+        raise DatasetNotFoundError(f"{path}: {len(x)} images but {len(y)} labels")
+    return x, y
 
 
 def _download_cifar(root: Path | None) -> Path:
@@ -268,15 +321,19 @@ def _download_cifar(root: Path | None) -> Path:
     return target / CIFAR_DIR
 
 
-def cifar10(root: Path | None, download: bool) -> Raw:
-    """CIFAR-10 (Krizhevsky 2009): 50k/10k 32x32 RGB, 10 classes, official python batches."""
+def cifar10(root: Path | None, download: bool, verify: bool = True) -> Raw:
+    """CIFAR-10 (Krizhevsky 2009): 50k/10k 32x32 RGB, 10 classes, official python batches.
+
+    The batches are read with a restricted unpickler (:class:`CifarUnpickler`);
+    ``verify`` checks each one's MD5 against the official value first.
+    """
     found = next((d for d in _cifar_dirs(root) if all((d / f).is_file() for f in CIFAR_FILES)), None)
     if found is None and download:
         found = _download_cifar(root)
     if found is None:
         raise DatasetNotFoundError(_cifar_how_to(_cifar_dirs(root)))
-    train = [_read_cifar_batch(found / f) for f in CIFAR_FILES[:5]]
-    x_te, y_te = _read_cifar_batch(found / "test_batch")
+    train = [_read_cifar_batch(found / f, verify) for f in CIFAR_FILES[:5]]
+    x_te, y_te = _read_cifar_batch(found / "test_batch", verify)
     x_tr, y_tr = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])
     source = (
         f"cifar10: official python batches {', '.join(CIFAR_FILES)} from {found}"

@@ -157,6 +157,17 @@ class Batches:
     def __len__(self) -> int:
         return self.num_batches
 
+    def state_dict(self) -> dict:
+        """The order and the position in it (for a checkpoint taken mid-epoch)."""
+        return {"order": self.order, "next": self._next, "num_batches": self.num_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at the position of :meth:`state_dict` (same split and batch size)."""
+        order = state["order"]
+        if order is not None and len(order) != len(self.split):
+            raise ValueError(f"the saved batch order covers {len(order)} examples, the split has {len(self.split)}")
+        self.order, self._next, self.num_batches = order, int(state["next"]), int(state["num_batches"])
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 

@@ -128,7 +128,8 @@ def accuracy_vs_memory(runs: list[Run], *, title: str) -> bytes:
         title="Accuracy at comparable memory (up and left is better)",
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    if mems:  # a diverged run has no accuracy to place
+        ax.legend(fontsize="small", loc="best")
     fig.suptitle(title)
     return _png(fig)
 

@@ -230,6 +230,8 @@ def run(
         runs.write_json(out / "compare.json", record)
         log(f"    {_one_line(summary)}")
         if summary["status"] == "interrupted":
+            for later in record["runs"][i:]:
+                later["status"] = "not started (interrupted)"
             log("interrupted: writing the report of the runs so far")
             break
     record["report"] = {k: str(v) for k, v in report.build([out], out).items()}

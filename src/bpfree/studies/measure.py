@@ -72,7 +72,9 @@ def run_measure(
                        download=cfg.data.download, **cfg.data.options)
     model = models.make(cfg.model.name, input_shape=splits.input_shape, num_classes=splits.num_classes,
                         seed=cfg.train.seed, **cfg.model.options).to(cfg.train.device)
-    size = batch or cfg.data.batch_size
+    size = batch if batch is not None else cfg.data.batch_size  # 0 is an error below, not the default
+    if size < 1 or repeats < 1 or cosine_draws < 1:
+        raise ConfigError(f"batch, repeats and cosine_draws must be >= 1, got {size}, {repeats}, {cosine_draws}")
     x, y = next(iter(data.batches(splits.train, size, generator=torch.Generator().manual_seed(cfg.train.seed))))
     x, y = x.to(cfg.train.device), y.to(cfg.train.device)
 

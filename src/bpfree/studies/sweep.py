@@ -192,7 +192,12 @@ def load_study(path: str | Path, *, preset: str | None = None, overrides: Iterab
         raise ConfigError(f"study file {str(path)!r} does not exist (shipped studies, usable by name: {names})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    return from_dict(raw, preset=preset, overrides=overrides, source=str(path))
+    try:
+        return from_dict(raw, preset=preset, overrides=overrides, source=str(path))
+    except (TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
+        # a value of the wrong kind that no specific check above named (e.g. a table where a list goes)
+        raise ConfigError(f"{path}: a value has the wrong type or shape ({type(e).__name__}: {e}); "
+                          "see docs/sweeps.md for the study file format") from None
 
 
 def shipped_studies() -> dict[str, Path]:
@@ -217,13 +222,14 @@ def from_dict(
         if key not in STUDY_KEYS:
             raise ConfigError(f"{source}: unknown key study.{key}{_near(key, STUDY_KEYS)}")
     objective = s.get("objective", "val_loss")
-    if objective not in OBJECTIVES:
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
         raise ConfigError(f"{source}: study.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     missing = s.get("missing_data", "error")
-    if missing not in ("error", "skip"):
+    if not isinstance(missing, str) or missing not in ("error", "skip"):
         raise ConfigError(f"{source}: study.missing_data must be 'error' or 'skip', got {missing!r}")
-    seeds = tuple(s.get("seeds", (1, 2, 3)))
-    if not seeds or not all(isinstance(v, int) for v in seeds):
+    seeds = s.get("seeds", (1, 2, 3))
+    seeds = tuple(seeds) if isinstance(seeds, (list, tuple)) else (seeds,)
+    if not seeds or not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds):
         raise ConfigError(f"{source}: study.seeds must be a non-empty list of integers, got {list(seeds)!r}")
     base = config_lib.apply_overrides(merged.get("base", {}), overrides)
     config_lib.from_dict(base, origin=f"{source} [base]")  # keys checked here, values per method
@@ -509,7 +515,9 @@ def recover(study: Any) -> list[int]:
 
 def _requeue(study: Any, t: Any) -> None:
     attrs = {k: v for k, v in t.user_attrs.items() if k in (_ATTR + "seed", _ATTR + "role")}
-    study.enqueue_trial(dict(t.params), user_attrs={**attrs, _ATTR + "retry_of": t.number})
+    # dir_number: the retry works in the dead trial's run directory, so it resumes from its checkpoint
+    study.enqueue_trial(dict(t.params), user_attrs={**attrs, _ATTR + "retry_of": t.number,
+                                                    _ATTR + "dir_number": t.user_attrs.get(_ATTR + "dir_number", t.number)})
 
 
 def _retried(trials: Sequence[Any]) -> set[int]:
@@ -934,22 +942,23 @@ def _run_trial(study: Study, state: _MethodState, trial: Any, role: str, out: Pa
     m = state.method
     trial.set_user_attr(_ATTR + "worker", {**WORKER, "pid": os.getpid()})
     owner = state.search if role == "search" else state.final
+    number = int(trial.user_attrs.get(_ATTR + "dir_number", trial.number))  # a retry: the dead trial's dir
     if role == "search":
         values = suggest(trial, m)
         seed = study.search_seed
-        run_dir = out / m.name / f"trial-{trial.number:04d}"
+        run_dir = out / m.name / f"trial-{number:04d}"
     else:
         seed = int(trial.suggest_categorical("seed", list(study.seeds)))
         best = owner.user_attrs[_ATTR + "best_params"]
         values = {k: _decode(v) for k, v in best.items()}
-        run_dir = out / m.name / "final" / f"trial-{trial.number:04d}-seed-{seed}"
+        run_dir = out / m.name / "final" / f"trial-{number:04d}-seed-{seed}"
     cfg = method_config(study, m, values, seed=seed, budget=state.steps_budget)
     cfg = config_lib.resolve(config_lib.updated(cfg, {"train.progress": False, "train.measure": role == "final"}))
     trial.set_user_attr(_ATTR + "run_dir", str(run_dir))
     label = f"{m.name} {role} trial {trial.number}" + (f" seed {seed}" if role == "final" else "")
     with _Heartbeat(store, trial._trial_id, heartbeat_interval):
         try:
-            summary = train.run(cfg, run_dir, label=label, overwrite=True)
+            summary = train.run_or_resume(cfg, run_dir, label=label)  # a killed trial continues from its checkpoint
         except KeyboardInterrupt:
             summary = {"status": "interrupted"}
         except Exception as e:

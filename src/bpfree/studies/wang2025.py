@@ -192,7 +192,7 @@ def train_all(preset: Preset, out: Path, *, overwrite: bool, log: Callable[[str]
         else:
             log(f"[{i}/{len(plan)}] w{width} {spec.label} -> {path}")
             try:
-                summary = train.run(cfg, path, label=spec.label, overwrite=True)
+                summary = train.run_or_resume(cfg, path, label=spec.label)  # a killed run continues
             except (ConfigError, data.DatasetNotFoundError):
                 raise
             except Exception as e:  # recorded in the run's summary.json and error.txt; the study goes on
@@ -254,7 +254,7 @@ def measure_quality(preset: Preset, width: int, weights: Path | None, *, samples
     """Quality of every quality method, and the gradient structure, at one checkpoint."""
     model, x, y = _fixed_batch(preset, width)
     if weights is not None:
-        model.load_state_dict(torch.load(weights))
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))  # tensors only: no code runs
     closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
     rows = []
     for text in preset.quality_methods:
