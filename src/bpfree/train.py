@@ -144,10 +144,7 @@ def run(
     estimator = estimators.make(cfg.estimator.name, **cfg.estimator.options)
     optimizer = make_optimizer(cfg.optimizer, model.parameters())
     scheduler = exponential_decay(optimizer, cfg.schedule.decay)
-    on_device = {
-        name: data.TensorSplit(s.x.to(device), s.y.to(device))
-        for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))
-    }
+    on_device = {name: s.to(device) for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     data_gen = torch.Generator().manual_seed(t.seed)  # batch order only
     est_gen = torch.Generator(device=device).manual_seed(int(cfg.estimator.options.get("seed", t.seed)))
     steps_per_epoch = len(data.batches(on_device["train"], cfg.data.batch_size, shuffle=False))
