@@ -89,16 +89,21 @@ def grad_norm(model: nn.Module, max_norm: float | None) -> float | None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: data.TensorSplit, batch_size: int) -> tuple[float, float]:
-    """``(mean cross-entropy, accuracy)`` of ``model`` on ``split``, in eval mode."""
+    """``(mean cross-entropy, accuracy)`` of ``model`` on ``split``, in eval mode.
+
+    Means are over targets: one per example for classification, one per real
+    token for a language model's next-token targets (−100, padding, is ignored).
+    """
     was_training = model.training
     model.eval()
-    loss, correct = 0.0, 0
+    loss, correct, count = 0.0, 0, 0
     for x, y in data.batches(split, batch_size, shuffle=False):
         logits = model(x)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())
+        count += int((y != -100).sum())
     model.train(was_training)
-    return loss / len(split), correct / len(split)
+    return loss / max(count, 1), correct / max(count, 1)
 
 
 def run(
@@ -161,7 +166,8 @@ def run(
         "model": {
             "name": cfg.model.name,
             "options": cfg.model.options,
-            "num_parameters": models.count_parameters(model),
+            "num_parameters": models.count_parameters(model),  # trainable
+            "num_parameters_total": models.count_parameters(model, trainable_only=False),
         },
         "steps_per_epoch": steps_per_epoch,
         "seed": t.seed,

@@ -311,6 +311,8 @@ def build_hf(
         if head == "label_tokens":
             label_ids = _label_token_ids(path, label_tokens, num_classes)
     kwargs = {"config": config, "dtype": DTYPES[dtype], "attn_implementation": "sdpa" if attention != "eager" else "eager"}
+    if head == "classifier":  # a checkpoint's own head for another number of classes is replaced
+        kwargs["ignore_mismatched_sizes"] = True
     try:
         with _quiet_transformers():
             hf = auto.from_pretrained(path, **kwargs)
@@ -358,7 +360,9 @@ def apply_finetune(
         raise ValueError("model.finetune = 'head' needs a classifier head (model.head = 'classifier')")
     model.requires_grad_(False)
     if finetune == "lora":
-        linear = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        # nn.Linear, and GPT-2's transposed transformers.pytorch_utils.Conv1D (peft adapts both)
+        linear = {n.rpartition(".")[2] for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
         targets = sorted(set(target_modules) & linear)
         if not targets:
             raise ValueError(
@@ -367,7 +371,9 @@ def apply_finetune(
             )
         from peft import LoraConfig, inject_adapter_in_model
 
-        cfg = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets)
+        conv1d = any(type(m).__name__ == "Conv1D" and n.rpartition(".")[2] in targets for n, m in model.named_modules())
+        cfg = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets,
+                         fan_in_fan_out=conv1d)  # Conv1D stores its weight transposed
         inject_adapter_in_model(cfg, model)
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
