@@ -324,3 +324,46 @@ def test_cli_train_and_compare_on_a_text_file(tmp_path):
     assert fg["model"]["num_parameters_total"] > 10_000_000
     assert 'tokenizer = "minilm"' in (tmp_path / "cmp" / "forward_gradient" / "config.toml").read_text()
     assert "trainable of" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ the small VLM and the shipped configs
+
+
+def test_vqa_fusion_runs_every_estimator():
+    from bpfree.data.vqa import ImageText
+
+    model = models.make("vqa_fusion", input_shape=(3, 64, 64), num_classes=13, seed=0, layers=1, channels=[4, 8],
+                        dim=16).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (4, 6), generator=g)
+    x = ImageText(torch.randn(4, 3, 64, 64, generator=g), torch.stack([ids, torch.ones_like(ids)], dim=1))
+    y = torch.randint(0, 13, (4,), generator=g)
+    assert model(x).shape == (4, 13)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("image.") for n in trained) and any("lora_A" in n for n in trained)
+    assert not any(n.startswith("text.") and "lora_" not in n for n in trained)  # the text tower is LoRA only
+    closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    estimators.make("backprop").estimate(model, closure)
+    plain = flat_grads(model).clone()
+    estimators.make("backprop", checkpoint=["text.encoder.layer.0"]).estimate(model, closure)
+    assert torch.equal(flat_grads(model), plain)
+    for name in ("forward_gradient", "spsa", "mezo"):
+        out = estimators.make(name).estimate(model, closure, generator=torch.Generator().manual_seed(0))
+        assert math.isfinite(out.loss)
+    assert model._kernel == "eager"  # forward mode switched the text tower's attention
+    with pytest.raises(ValueError, match="ImageText"):
+        model(ids)
+
+
+@pytest.mark.parametrize("name", ["tweets-minilm-lora", "tweets-minilm-full", "tweets-minilm-head", "easyvqa-fusion"])
+def test_shipped_configs_resolve_for_every_estimator(name):
+    import pathlib
+
+    from bpfree import config as C
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    for est, kernel in (("backprop", "sdpa"), ("forward_gradient", "eager"), ("spsa", "sdpa"), ("mezo", "sdpa")):
+        cfg = C.resolve(C.load(path, [f"estimator.name={est}"]))
+        assert cfg.model.options["attention"] == kernel
+        assert cfg.data.options["tokenizer"] == "minilm"
+        assert C.resolve(C.load(path, [f"estimator.name={est}"])) == cfg
