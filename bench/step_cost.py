@@ -146,6 +146,38 @@ def saved_activation_bytes(model, closure, checkpoint) -> int:
     return sum(sizes.values())
 
 
+def time_only(sdpa_specs, fg_specs, model, closure, eager, eager_closure, args, device) -> list[dict]:
+    """Interleaved medians only (no FLOPs, memory or cosine): every spec and a no-grad forward in
+    one interleaved group, forward_gradient on the eager-attention copy of the model."""
+    from bpfree.measure import timing as timing_mod
+
+    steps = {}
+    for specs, m, c in ((sdpa_specs, model, closure), (fg_specs[1:], eager, eager_closure)):
+        for spec in specs:
+            est, gen = spec.make(), torch.Generator(device=device).manual_seed(0)
+            steps[spec.label] = lambda est=est, gen=gen, m=m, c=c: est.estimate(m, c, generator=gen)
+    steps["backprop (eager attention)"] = lambda: estimators.make("backprop").estimate(eager, eager_closure)
+
+    def forward():
+        with torch.no_grad():
+            closure()
+
+    steps["forward (no grad)"] = forward
+    t = timing_mod.time_interleaved(steps, warmup=2, repeats=args.repeats, device=str(device))
+    base = t["backprop"].median_ms
+    rows = [{"label": k, "ms_per_step": v.median_ms, "time_ratio": v.median_ms / base} for k, v in t.items()]
+    print(markdown_table(rows, [("label", "step", ""), ("ms_per_step", "ms/step", ".1f"),
+                                ("time_ratio", "time / BP (SDPA)", ".2f")]))
+    print()
+    global TARGETS
+    TARGETS = [tg for tg in TRANSFORMER_TARGETS[args.current_mode] if tg[2] != "memory"]
+    print("| target | measured | met |\n|---|---|---|")
+    for what, value, limit, met in target_rows(rows):
+        print(f"| {what} | {value:.2f} | {'yes' if met else 'no'} |")
+    print()
+    return rows
+
+
 def run_minilm(args, device) -> dict:
     from bpfree.measure import timing as timing_mod
 
@@ -153,6 +185,7 @@ def run_minilm(args, device) -> dict:
     x, y = x.to(device), y.to(device)
     results = {}
     for mode in args.modes.split(","):
+        args.current_mode = mode
         model = models.make("minilm", input_shape=(2, args.length), num_classes=3, seed=0, finetune=mode,
                             dtype=args.dtype, attention="auto").to(device).eval()
 
@@ -173,6 +206,9 @@ def run_minilm(args, device) -> dict:
 
         sdpa_specs = [s for s in TRANSFORMER_SPECS if s.name != "forward_gradient"]
         fg_specs = [BACKPROP] + [s for s in TRANSFORMER_SPECS if s.name == "forward_gradient"]
+        if args.time_only:
+            results[mode] = time_only(sdpa_specs, fg_specs, model, closure, eager, eager_closure, args, device)
+            continue
         rows = profile_estimators(sdpa_specs, model, closure, repeats=args.repeats, cosine_draws=args.cosine_draws,
                                   device=str(device))
         add_ratios(rows, "backprop")
@@ -216,6 +252,8 @@ def run_minilm(args, device) -> dict:
             print(f"| {what} | {value:.2f} | {'yes' if met else 'no'} |")
         print()
         results[mode] = rows
+    if args.time_only:
+        return results
     # per-layer checkpointing at length 128: saved activations against plain backprop
     long_x = torch.cat([x, torch.zeros(x.shape[0], 2, 128 - x.shape[2], dtype=x.dtype, device=device)], dim=2)
     long_x[:, 1] = 1  # every position real: length 128
@@ -241,6 +279,8 @@ def main() -> None:
     ap.add_argument("--modes", default="full,lora", help="with --task tweets/minilm: full, lora")
     ap.add_argument("--dtype", default="float32", help="with --task tweets/minilm: float32 or bfloat16")
     ap.add_argument("--length", type=int, default=64, help="with --task tweets/minilm: tokens per example")
+    ap.add_argument("--time-only", action="store_true",
+                    help="with --task tweets/minilm: interleaved step times only (no FLOPs, memory, cosine)")
     ap.add_argument("--tasks", default="mlp,cnn")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=20)
