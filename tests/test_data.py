@@ -101,7 +101,7 @@ def nothing_installed(tmp_path, monkeypatch):
 
 
 def test_available_and_unknown_names():
-    assert data.available() == ["cifar10", "fashion_mnist", "mnist", "mnist1d", "synthetic"]
+    assert data.available() == ["cifar10", "csv", "easyvqa", "fashion_mnist", "jsonl", "mnist", "mnist1d", "synthetic", "tweets"]
     with pytest.raises(ValueError, match="did you mean 'mnist'.*available: cifar10"):
         data.load("minst")
     with pytest.raises(ValueError, match="valid options: num_train"):

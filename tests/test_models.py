@@ -42,7 +42,7 @@ CASES = [
 
 
 def test_available():
-    assert models.available() == ["cnn_mnist", "logreg", "mlp", "mlp_mnist1d", "vgg_cifar"]
+    assert models.available() == ["cnn_mnist", "hf", "logreg", "minilm", "mlp", "mlp_mnist1d", "vgg_cifar", "vqa_fusion"]
 
 
 @pytest.mark.parametrize("name,input_shape,options,expected", CASES, ids=[c[0] + "".join(f"-{k}={v}" for k, v in c[2].items()) for c in CASES])
@@ -100,7 +100,7 @@ def test_default_init_is_pytorch_uniform():
 
 
 def test_errors_name_the_valid_choices():
-    with pytest.raises(ValueError, match="did you mean 'mlp'.*available: cnn_mnist, logreg"):
+    with pytest.raises(ValueError, match="did you mean 'mlp'.*available: cnn_mnist, hf, logreg"):
         models.make("mpl", input_shape=(4,), num_classes=2)
     with pytest.raises(ValueError, match="'hiden' \\(did you mean 'hidden'\\?\\); valid options: hidden"):
         models.make("mlp", input_shape=(4,), num_classes=2, hiden=(3,))

@@ -471,9 +471,13 @@ def resolve(config: Config) -> Config:
     _check_name("estimator.name", c.estimator.name, estimators.available())
     _check_name("optimizer.name", c.optimizer.name, list(OPTIMIZERS))
 
-    data_options = _with_defaults(c.data, data.sets.LOADERS[c.data.name], skip=("root", "download"))
+    data_options = _with_defaults(c.data, data.sets.LOADERS[c.data.name], skip=data.SPLIT_ARGS)
     model_options = _with_defaults(
         c.model, models.architectures.BUILDERS[c.model.name], skip=("input_shape", "num_classes")
+    )
+    # text data is tokenised by the model's own tokenizer; attention="auto" picks the kernel the estimator needs
+    data_options, model_options = models.link_options(
+        c.data.name, data_options, c.model.name, model_options, c.estimator.name
     )
     est_options = dict(c.estimator.options)
     _check_options(c.estimator, estimators.option_names(c.estimator.name))

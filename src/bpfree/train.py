@@ -111,16 +111,21 @@ def grad_norm(model: nn.Module, max_norm: float | None) -> float | None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: data.TensorSplit, batch_size: int) -> tuple[float, float]:
-    """``(mean cross-entropy, accuracy)`` of ``model`` on ``split``, in eval mode."""
+    """``(mean cross-entropy, accuracy)`` of ``model`` on ``split``, in eval mode.
+
+    Means are over targets: one per example for classification, one per real
+    token for a language model's next-token targets (−100, padding, is ignored).
+    """
     was_training = model.training
     model.eval()
-    loss, correct = 0.0, 0
+    loss, correct, count = 0.0, 0, 0
     for x, y in data.batches(split, batch_size, shuffle=False):
         logits = model(x)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())
+        count += int((y != -100).sum())
     model.train(was_training)
-    return loss / len(split), correct / len(split)
+    return loss / max(count, 1), correct / max(count, 1)
 
 
 def run(
@@ -258,10 +263,7 @@ def _run(
     estimator = estimators.make(cfg.estimator.name, **cfg.estimator.options)
     optimizer = make_optimizer(cfg.optimizer, model.parameters())
     scheduler = exponential_decay(optimizer, cfg.schedule.decay)
-    on_device = {
-        name: data.TensorSplit(s.x.to(device), s.y.to(device))
-        for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))
-    }
+    on_device = {name: s.to(device) for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     data_gen = torch.Generator().manual_seed(t.seed)  # batch order only
     est_gen = torch.Generator(device=device).manual_seed(int(cfg.estimator.options.get("seed", t.seed)))
     steps_per_epoch = math.ceil(len(data.batches(on_device["train"], cfg.data.batch_size, shuffle=False))
@@ -279,7 +281,8 @@ def _run(
         "model": {
             "name": cfg.model.name,
             "options": cfg.model.options,
-            "num_parameters": models.count_parameters(model),
+            "num_parameters": models.count_parameters(model),  # trainable
+            "num_parameters_total": models.count_parameters(model, trainable_only=False),
         },
         "steps_per_epoch": steps_per_epoch,
         "seed": t.seed,

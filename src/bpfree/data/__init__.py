@@ -38,8 +38,11 @@ from typing import Any
 
 from bpfree._names import check_options, lookup
 from bpfree.data.files import DatasetNotFoundError, data_home
-from bpfree.data.sets import LOADERS
+from bpfree.data.sets import LOADERS, SPLIT_LOADERS
 from bpfree.data.splits import Batches, Normalization, Splits, TensorSplit, batches, make_splits
+
+# Arguments of a loader that are not the data set's own options.
+SPLIT_ARGS = ("root", "download", "val_fraction", "seed")
 
 __all__ = [
     "Batches",
@@ -62,7 +65,7 @@ def available() -> list[str]:
 
 def option_names(name: str) -> list[str]:
     """The data-set-specific options ``load(name, ...)`` accepts (e.g. mnist1d's ``num_samples``)."""
-    return [p for p in inspect.signature(_lookup(name)).parameters if p not in ("root", "download")]
+    return [p for p in inspect.signature(_lookup(name)).parameters if p not in SPLIT_ARGS]
 
 
 def _lookup(name: str):
@@ -93,6 +96,9 @@ def load(
     """
     loader = _lookup(name)
     check_options("data set", name, options, option_names(name))
+    if name in SPLIT_LOADERS:  # text / VQA sets make their own fixed test split (bpfree.data.text)
+        return loader(Path(root).expanduser() if root is not None else None, download,
+                      val_fraction=val_fraction, seed=seed, **options)
     raw = loader(Path(root).expanduser() if root is not None else None, download, **options)
     return make_splits(
         name,

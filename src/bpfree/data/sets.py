@@ -434,3 +434,10 @@ LOADERS = {
     "mnist1d": mnist1d,
     "synthetic": synthetic,
 }
+
+# Text and VQA sets (tokenised; they make their own splits): bpfree.data.text, bpfree.data.vqa.
+from bpfree.data.text import TEXT_LOADERS  # noqa: E402
+from bpfree.data.vqa import VQA_LOADERS  # noqa: E402
+
+SPLIT_LOADERS = {**TEXT_LOADERS, **VQA_LOADERS}
+LOADERS.update(SPLIT_LOADERS)

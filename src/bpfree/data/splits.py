@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -23,13 +23,24 @@ import torch
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TensorSplit:
-    """One split: ``x`` float32 (N, *input_shape), ``y`` int64 (N,). Compared by identity."""
+    """One split: ``x`` float32 (N, *input_shape), ``y`` int64 (N,). Compared by identity.
+
+    ``collate(x, y) -> (x, y)``, when set, turns each batch's rows into the model's
+    input (text: trim to the longest sequence; VQA: gather the images); a
+    ``collate`` with a ``to(device)`` method is moved along with the tensors.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+    collate: Callable[[torch.Tensor, torch.Tensor], tuple[Any, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def to(self, device: Any) -> "TensorSplit":
+        """This split with its tensors (and collate's, if it has any) on ``device``."""
+        collate = self.collate.to(device) if hasattr(self.collate, "to") else self.collate
+        return TensorSplit(self.x.to(device), self.y.to(device), collate)
 
 
 class Normalization(NamedTuple):
@@ -178,9 +189,11 @@ class Batches:
         self._next += 1
         if self.order is None:
             sl = slice(start, start + self.batch_size)
-            return self.split.x[sl], self.split.y[sl]
-        idx = self.order[start : start + self.batch_size]
-        return self.split.x[idx], self.split.y[idx]
+            x, y = self.split.x[sl], self.split.y[sl]
+        else:
+            idx = self.order[start : start + self.batch_size]
+            x, y = self.split.x[idx], self.split.y[idx]
+        return self.split.collate(x, y) if self.split.collate is not None else (x, y)
 
 
 def batches(

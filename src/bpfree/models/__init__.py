@@ -18,6 +18,17 @@ name            architecture (default options)                         source
 
 All are flat ``nn.Sequential`` models returning logits, with PyTorch's default
 initialisation (see :mod:`bpfree.models.architectures`).
+
+Pretrained transformers (local directories, never hub names; ``transformers``
+and ``peft`` are imported only when one is built):
+
+==============  =====================================================  ==========
+``hf``          any local HF classifier or causal LM; full, LoRA, head  seed 000
+``minilm``      ``hf`` with its default path: MiniLM-L6 (the wheel)      seed 000
+``vqa_fusion``  trained CNN + MiniLM (LoRA) → easy-VQA's 13 answers      —
+==============  =====================================================  ==========
+
+See :mod:`bpfree.models.hf` and :mod:`bpfree.models.vqa`.
 """
 
 from __future__ import annotations
@@ -30,8 +41,32 @@ from torch import nn
 
 from bpfree._names import check_options, lookup
 from bpfree.models.architectures import BUILDERS
+from bpfree.models.hf import attention_for, build_hf
+from bpfree.models.vqa import build_vqa_fusion
 
-__all__ = ["available", "count_parameters", "make", "option_names"]
+__all__ = ["HF_MODELS", "available", "count_parameters", "link_options", "make", "option_names"]
+
+HF_MODELS = {"hf": build_hf, "minilm": build_hf, "vqa_fusion": build_vqa_fusion}
+BUILDERS.update(HF_MODELS)
+
+
+def link_options(
+    data_name: str, data_options: dict[str, Any], model_name: str, model_options: dict[str, Any], estimator: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Options that depend on the other tables, filled in by ``bpfree.config.resolve``.
+
+    * a HF model's ``attention = "auto"`` becomes ``"eager"`` for forward-mode
+      estimators and ``"sdpa"`` otherwise (:func:`bpfree.models.hf.attention_for`);
+    * a text data set's ``tokenizer = "model"`` becomes the HF model's ``path``, so
+      the data is tokenised by the model's own tokenizer.
+    """
+    data_options, model_options = dict(data_options), dict(model_options)
+    if model_name in HF_MODELS:
+        if model_options.get("attention") == "auto":
+            model_options["attention"] = attention_for(estimator)
+        if data_options.get("tokenizer") == "model":
+            data_options["tokenizer"] = model_options.get("path", "minilm")
+    return data_options, model_options
 
 
 def available() -> list[str]:

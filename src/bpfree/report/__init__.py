@@ -97,7 +97,10 @@ def _machine(s: dict) -> str:
 def _model(s: dict) -> str:
     m = s.get("model", {})
     opts = ", ".join(f"{k}={v}" for k, v in m.get("options", {}).items())
-    return f"{m.get('name', '?')}({opts}), {m.get('num_parameters', '?'):,} parameters"
+    n, total = m.get("num_parameters", "?"), m.get("num_parameters_total")
+    if total is not None and total != n:  # LoRA / head-only: say how much of the model is trained
+        return f"{m.get('name', '?')}({opts}), {n:,} trainable of {total:,} parameters"
+    return f"{m.get('name', '?')}({opts}), {n:,} parameters"
 
 
 def markdown(title: str, run_list: list[Run], figures: dict[str, tuple[str, bytes]], meta: list[str], out: Path) -> str:
