@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 
+from bpfree.report import memory as memory_view
 from bpfree.report import tables
 from bpfree.runs import Run
 
@@ -12,14 +13,31 @@ CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1150px;
        color: #222; line-height: 1.45; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+.table-box { max-width: 100%; overflow-x: auto; margin: 0.8em 0; }
+table { border-collapse: collapse; font-size: 0.88em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: right; }
+th { white-space: normal; vertical-align: bottom; max-width: 9em; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 table.settings td { text-align: left; font-family: ui-monospace, monospace; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .meta { color: #555; font-size: 0.92em; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 ul.notes { color: #555; font-size: 0.9em; }
 """
+
+
+def memory_html(runs: list[Run]) -> list[str]:
+    """The "Memory" and "Comparable memory" sections (``bpfree.report.memory``) as HTML parts."""
+    e = html.escape
+    if not any(r.summary.get("peak_memory_mb") is not None for r in runs):
+        return []
+    parts = ["<h2>Memory</h2>", tables.html_table(*memory_view.table(runs)),
+             '<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in memory_view.notes(runs)) + "</ul>",
+             "<p>What dominates each peak:</p>",
+             "<ul>" + "".join(f"<li>{e(memory_view.sentence(r))}</li>" for r in runs) + "</ul>",
+             "<h2>Comparable memory</h2>", f'<p class="meta">{e(memory_view.COMPARABLE_NOTE)}</p>']
+    for basis in ("estimate", "step"):
+        parts += [f"<p>By {basis} peak:</p>", tables.html_table(*memory_view.comparable(runs, basis))]
+    return parts
 
 
 def render(
@@ -41,10 +59,7 @@ def render(
         tables.html_table(tables.headers(), tables.rows(runs)),
         '<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in tables.NOTES) + "</ul>",
     ]
-    mem_header, mem_rows = tables.comparable_memory(runs)
-    if mem_rows:
-        parts += ["<h2>Comparable memory</h2>", f'<p class="meta">{e(tables.MEMORY_NOTE)}</p>',
-                  tables.html_table(mem_header, mem_rows)]
+    parts += memory_html(runs)
     parts += [
         "<h2>Curves</h2>",
     ]
