@@ -61,15 +61,7 @@ def build(
 
 def memory_markdown(run_list: list[Run]) -> list[str]:
     """The "Memory" and "Comparable memory" sections (``bpfree.report.memory``), as markdown lines."""
-    if not any(r.summary.get("peak_memory_mb") is not None for r in run_list):
-        return []
-    lines = ["", "## Memory", "", tables.markdown(*memory_view.table(run_list)), ""]
-    lines += [f"- {n}" for n in memory_view.notes(run_list)]
-    lines += ["", "What dominates each peak:", ""] + [f"- {memory_view.sentence(r)}" for r in run_list]
-    lines += ["", "## Comparable memory", "", memory_view.COMPARABLE_NOTE]
-    for basis in ("estimate", "step"):
-        lines += ["", f"By {basis} peak:", "", tables.markdown(*memory_view.comparable(run_list, basis))]
-    return lines
+    return memory_view.markdown(memory_view.blocks(run_list))
 
 
 def default_title(run_list: list[Run]) -> str:

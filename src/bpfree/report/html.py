@@ -27,17 +27,21 @@ ul.notes { color: #555; font-size: 0.9em; }
 
 def memory_html(runs: list[Run]) -> list[str]:
     """The "Memory" and "Comparable memory" sections (``bpfree.report.memory``) as HTML parts."""
+    return [block(kind, content) for kind, content in memory_view.blocks(runs)]
+
+
+def block(kind: str, content) -> str:
+    """One ``(kind, content)`` block as HTML: h2, p, ul (a list of strings) or table ((header, rows))."""
     e = html.escape
-    if not any(r.summary.get("peak_memory_mb") is not None for r in runs):
-        return []
-    parts = ["<h2>Memory</h2>", tables.html_table(*memory_view.table(runs)),
-             '<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in memory_view.notes(runs)) + "</ul>",
-             "<p>What dominates each peak:</p>",
-             "<ul>" + "".join(f"<li>{e(memory_view.sentence(r))}</li>" for r in runs) + "</ul>",
-             "<h2>Comparable memory</h2>", f'<p class="meta">{e(memory_view.COMPARABLE_NOTE)}</p>']
-    for basis in ("estimate", "step"):
-        parts += [f"<p>By {basis} peak:</p>", tables.html_table(*memory_view.comparable(runs, basis))]
-    return parts
+    if kind == "h2":
+        return f"<h2>{e(content)}</h2>"
+    if kind == "p":
+        return f'<p class="meta">{e(content)}</p>'
+    if kind == "ul":
+        return '<ul class="notes">' + "".join(f"<li>{e(x)}</li>" for x in content) + "</ul>"
+    if kind == "table":
+        return tables.html_table(*content)
+    raise ValueError(f"unknown report block kind {kind!r}; use h2, p, ul or table")
 
 
 def render(

@@ -1087,7 +1087,9 @@ def _fmt(v: Any) -> str:
 
 
 SUMMARY_KEYS = ("status", "reason", "steps", "epochs_completed", "train_seconds", "ms_per_step", "flops_per_step",
-                "peak_memory_mb", "final_train_loss", "final_train_accuracy", "final_val_loss",
+                "peak_memory_mb", "memory_by_category_mb", "peak_over_inference", "estimate_peak_memory_mb",
+                "estimate_memory_by_category_mb", "estimate_over_inference", "inference_peak_mb", "parameters_mb",
+                "memory_resolution_mb", "final_train_loss", "final_train_accuracy", "final_val_loss",
                 "final_val_accuracy", "final_test_loss", "final_test_accuracy", "diverged_at_step", "data_source",
                 "steps_per_epoch")
 
@@ -1095,6 +1097,7 @@ SUMMARY_KEYS = ("status", "reason", "steps", "epochs_completed", "train_seconds"
 def _summary_subset(summary: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: summary.get(k) for k in SUMMARY_KEYS}
     out["model"] = summary.get("model", {})
+    out["estimator"] = summary.get("estimator", {})
     out["optimizer"] = summary.get("optimizer", {})
     out["schedule_decay"] = summary.get("schedule_decay")
     return runs.json_safe(out)
@@ -1239,19 +1242,38 @@ def write_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
     from bpfree.report import html as html_lib
     from bpfree.report import tables
 
+    from bpfree.report import memory as memory_view
+
     header, body = results_table(results)
     png = final_curves_png(results, title=results["title"])
     (out / "final_curves.png").write_bytes(png)
+    memory = memory_view.blocks(memory_runs(results))
     lines = [f"# {results['title']}", "", *_report_meta(results), "", "## Results", "",
-             tables.markdown(header, body), "", *(f"- {n}" for n in REPORT_NOTES), "",
+             tables.markdown(header, body), "", *(f"- {n}" for n in REPORT_NOTES), *memory_view.markdown(memory),
              "## Curves", "", "![Validation loss of the final runs (mean over seeds)](final_curves.png)", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     html = html_page(results["title"], [("p", x) for x in _report_meta(results)] + [
-        ("h2", "Results"), ("table", (header, body)), ("ul", REPORT_NOTES), ("h2", "Curves"),
+        ("h2", "Results"), ("table", (header, body)), ("ul", REPORT_NOTES), *memory, ("h2", "Curves"),
         ("img", ("Validation loss of the final runs (mean over seeds)", png))])
     (out / "report.html").write_text(html)
     del html_lib
     return {"markdown": out / "report.md", "html": out / "report.html", "final_curves.png": out / "final_curves.png"}
+
+
+def memory_runs(results: Mapping[str, Any]) -> list[Any]:
+    """One ``bpfree.runs.Run`` per method for the memory view: the memory of its first final run
+    (every seed measures the same step), its label, and its mean validation accuracy over seeds."""
+    from bpfree.runs import Run
+
+    out = []
+    for m in results["methods"]:
+        finals = m.get("finals") or []
+        if not finals or finals[0]["summary"].get("peak_memory_mb") is None:
+            continue
+        summary = {**finals[0]["summary"], "label": m["name"],
+                   "final_val_accuracy": (m.get("val_accuracy") or {}).get("mean")}
+        out.append(Run(Path(m["name"]), {}, summary))
+    return out
 
 
 REPORT_NOTES = [
