@@ -21,6 +21,7 @@ import pytest
 from bpfree import cli
 from bpfree.config import ConfigError
 from bpfree.studies import rike2024, sweep
+from report_checks import assert_self_contained
 
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
@@ -139,6 +140,8 @@ def test_sweep_grid_and_tpe_then_finals_and_report(tmp_path):
         assert (out / name).is_file()
     md = (out / "report.md").read_text()
     assert "| bp | grid | 6/6 |" in md and " ± " in md
+    assert "## Memory" in md and "## Comparable memory" in md and "estimate peak" in md  # finals measure memory
+    assert_self_contained((out / "report.html").read_text())
     # running it again does nothing (all done) and rebuilds the same numbers
     again = sweep.run(sweep.load_study(tiny(tmp_path)), out, log=lines.append)
     assert again["methods"][0]["n_complete"] == 6 and len(again["methods"][1]["trials"]) == 3

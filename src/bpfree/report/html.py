@@ -18,6 +18,7 @@ table { border-collapse: collapse; font-size: 0.88em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: right; }
 th { white-space: normal; vertical-align: bottom; max-width: 9em; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+td:first-child { max-width: 15em; overflow-wrap: anywhere; }
 table.settings td { text-align: left; font-family: ui-monospace, monospace; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .meta { color: #555; font-size: 0.92em; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }

@@ -163,10 +163,9 @@ def accuracy_vs_memory(runs: list[Run], *, title: str) -> bytes:
             xs, ys = zip(*front)
             ax.step(xs, ys, where="post", color="0.4", linewidth=1, zorder=2, label="Pareto frontier")
         note = plain_mb_axis(ax.xaxis, [m for m, _, _ in points], resolution)
-        ax.set(xlabel=f"peak memory of {what} (MB" + (", log scale)" if ax.get_xscale() == "log" else ")"),
+        xlabel = f"peak memory of {what} (MB" + (", log scale)" if ax.get_xscale() == "log" else ")")
+        ax.set(xlabel=xlabel + (f"\n{note}" if note else ""),
                title=("Estimate peak" if key.startswith("estimate") else "Whole-step peak"))
-        if note:
-            ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize="x-small", color="0.3", wrap=True)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("final validation accuracy (%)")
     axes[1].legend(fontsize="x-small", loc="best")
@@ -185,7 +184,7 @@ def memory_by_category(runs: list[Run], *, title: str) -> bytes:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
-    fig = Figure(figsize=(11, 0.9 + 0.55 * max(1, len(measured))), layout="constrained")
+    fig = Figure(figsize=(11, 1.6 + 0.45 * max(1, len(measured))), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     labels = [r.label for r in measured]
     for ax, key, name in zip(axes, ("estimate_memory_by_category_mb", "memory_by_category_mb"),
@@ -202,7 +201,8 @@ def memory_by_category(runs: list[Run], *, title: str) -> bytes:
         ax.grid(True, axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(measured)), labels, fontsize="small")
     axes[0].invert_yaxis()
-    axes[1].legend(fontsize="x-small", loc="lower right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(cats), 4), fontsize="small")
     fig.suptitle(title)
     return _png(fig)
 
