@@ -144,7 +144,7 @@ def accuracy_vs_memory(runs: list[Run], *, title: str) -> bytes:
     with the Pareto frontier (``bpfree.report.memory.pareto``): seed 000's comparable-memory view."""
     from bpfree.report import memory as memory_view
 
-    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     resolution = memory_view.resolution(runs)
     styles = _styles(len(runs))
@@ -156,8 +156,11 @@ def accuracy_vs_memory(runs: list[Run], *, title: str) -> bytes:
             if mem is None or acc is None:
                 continue
             points.append((mem, 100 * acc, run))
-            ax.scatter([mem], [100 * acc], color=style["color"], s=50, label=_legend_label(run), zorder=3)
-            ax.annotate(run.label, (mem, 100 * acc), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+            ax.scatter([mem], [100 * acc], color=style["color"], marker="o^sDvP*X"[len(points) % 8], s=55,
+                       label=_legend_label(run), zorder=3, alpha=0.85)
+        if len(points) <= 4:  # more labels than that overlap; the legend names the markers
+            for mem, acc, run in points:
+                ax.annotate(run.label, (mem, acc), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
         front = sorted((m, a) for m, a, r in points if r in memory_view.pareto(points))
         if front:
             xs, ys = zip(*front)
@@ -168,7 +171,8 @@ def accuracy_vs_memory(runs: list[Run], *, title: str) -> bytes:
                title=("Estimate peak" if key.startswith("estimate") else "Whole-step peak"))
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("final validation accuracy (%)")
-    axes[1].legend(fontsize="x-small", loc="best")
+    handles, names = axes[1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right upper", fontsize="x-small")
     fig.suptitle(f"{title}: accuracy at comparable memory (up and left is better)")
     return _png(fig)
 
