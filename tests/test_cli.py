@@ -11,10 +11,12 @@ import pytest
 from bpfree import cli, runs
 from bpfree import config as C
 from bpfree.studies import compare
+from report_checks import assert_self_contained
 
 TASK = ["--task", "synthetic/mlp", "--set", "model.hidden=[8]", "--set", "data.num_train=200"]
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "configs"
-PNGS = ("val_vs_steps.png", "val_vs_time.png", "train_loss.png", "val_vs_flops.png", "accuracy_vs_memory.png")
+PNGS = ("val_vs_steps.png", "val_vs_time.png", "train_loss.png", "val_vs_flops.png", "accuracy_vs_memory.png",
+        "memory_by_category.png")
 
 
 def check_report(directory, labels):
@@ -25,11 +27,12 @@ def check_report(directory, labels):
     md = (directory / "report.md").read_text()
     html = (directory / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(PNGS)
-    assert "<img" in html and 'src="val_vs' not in html  # self-contained
+    assert_self_contained(html)
     for label in labels:
         assert f"| {label} |" in md and label in html
     assert "Gaussian blobs" in md  # the data source
-    assert "## Comparable memory" in md and "GFLOP/step" in md and "peak MB" in md
+    assert "## Comparable memory" in md and "GFLOP/step" in md and "estimate peak MB" in md
+    assert "## Memory" in md and "Expected ordering" in md and "What dominates each peak" in md
 
 
 def test_compare_then_report(tmp_path, capsys):

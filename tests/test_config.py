@@ -21,7 +21,8 @@ TINY = {
     "optimizer": {"name": "nesterov", "betas": [0.9, 0.99]},
     "schedule": {"decay": 1e-5},
     "train": {"max_steps": 5, "clip_grad_norm": 2.5, "eval_every_steps": 2},
-    "run": {"name": "tiny \"quoted\" ünïcode"},
+    # run.name is one safe directory name (bpfree.paths); the parent folder run.out may be any path
+    "run": {"name": "tiny", "out": "runs/tiny \"quoted\" ünïcode"},
 }
 
 

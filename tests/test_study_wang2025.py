@@ -50,6 +50,10 @@ def test_smoke_study_writes_report_and_resumes(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     assert "Train accuracy by width" in md and "k sweep" in md and "What reproduces" in md
+    assert "## Memory" in md and "What dominates each peak" in md
+    from report_checks import assert_self_contained
+
+    assert_self_contained((out / "report.html").read_text())
     # a second run reuses every finished training run
     assert cli.main(["study", "run", "wang2025", "--preset", "smoke", "--out", str(out)]) == 0
     assert capsys.readouterr().err.count("reusing the finished run") == len(record["training"])

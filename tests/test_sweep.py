@@ -21,6 +21,7 @@ import pytest
 from bpfree import cli
 from bpfree.config import ConfigError
 from bpfree.studies import rike2024, sweep
+from report_checks import assert_self_contained
 
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
@@ -139,6 +140,8 @@ def test_sweep_grid_and_tpe_then_finals_and_report(tmp_path):
         assert (out / name).is_file()
     md = (out / "report.md").read_text()
     assert "| bp | grid | 6/6 |" in md and " ± " in md
+    assert "## Memory" in md and "## Comparable memory" in md and "estimate peak" in md  # finals measure memory
+    assert_self_contained((out / "report.html").read_text())
     # running it again does nothing (all done) and rebuilds the same numbers
     again = sweep.run(sweep.load_study(tiny(tmp_path)), out, log=lines.append)
     assert again["methods"][0]["n_complete"] == 6 and len(again["methods"][1]["trials"]) == 3
@@ -232,22 +235,40 @@ def _worker_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 
 
+def started(argv: list[str], log: Path) -> subprocess.Popen:
+    """A bpfree process whose stdout and stderr go to ``log`` (read back by :func:`alive_or_fail`)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(argv, env=_worker_env(), stdout=f, stderr=subprocess.STDOUT)
+
+
+def alive_or_fail(proc: subprocess.Popen, log: Path, what: str) -> None:
+    """Fail at once, showing the process's output, when it has exited before it should have."""
+    if proc.poll() is not None:
+        pytest.fail(f"{what} exited early with code {proc.returncode}:\n{log.read_text()}")
+
+
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
-    """A real worker process is SIGKILLed mid-trial; the same command then finishes the grid."""
+    """A real worker process is SIGKILLed mid-trial; the same command then finishes the grid.
+
+    The wait ends when the worker has a trial running (then it is killed) or exits early
+    (then the test fails at once with its output); the 600 s guard only catches a worker
+    that is alive but hung."""
     path = tiny(tmp_path, steps=400, num_train=2000, model="mlp")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "bpfree.cli", "sweep", str(path), "--out", str(out),
-                             "--methods", "bp"], env=_worker_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300  # generous: a loaded 2-core machine starts the worker slowly
+    log = tmp_path / "worker.log"
+    proc = started([sys.executable, "-m", "bpfree.cli", "sweep", str(path), "--out", str(out), "--methods", "bp"], log)
     before, storage = None, None
+    hung = time.monotonic() + 600
     try:
-        while time.monotonic() < deadline:
+        while before is None:
             time.sleep(0.2)
+            alive_or_fail(proc, log, "the sweep worker")
+            if time.monotonic() > hung:
+                pytest.fail(f"the sweep worker is alive but never ran a trial in 600 s:\n{log.read_text()}")
             if storage is None:
                 if not (out / "sweep.db").is_file():
                     continue
-                storage = sweep.open_storage(sweep.default_storage(out))
+                storage = sweep.open_storage(sweep.default_storage(out))  # creation_lock: no race with the worker
             try:
                 st = optuna.load_study(study_name="tiny/bp", storage=storage)
             except KeyError:
@@ -261,8 +282,6 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 before = {t.number: t.datetime_complete for t in st.get_trials() if t.state == TrialState.COMPLETE}
-                break
-        assert proc.poll() is not None and before is not None, "the worker never had a trial running to kill"
     finally:
         if proc.poll() is None:
             proc.kill()

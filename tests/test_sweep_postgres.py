@@ -130,3 +130,32 @@ def test_two_workers_share_one_study_in_postgres(tmp_path, postgres_url):
     for i in (1, 2):  # each worker wrote the results it saw when it stopped; the password is never written
         report = json.loads((tmp_path / f"worker{i}" / "sweep.json").read_text())
         assert report["storage"] == postgres_url
+
+
+@pytest.mark.parametrize("round_", range(2))
+def test_workers_started_together_on_a_fresh_database(tmp_path, postgres_url, round_):
+    """Three workers released at the same instant on an empty PostgreSQL database (optuna's
+    tables not yet created) all run, and the grid is covered once (optuna/optuna#1092)."""
+    import psycopg
+
+    from concurrent_start import run_together
+
+    db = f"fresh_{round_}_{os.getpid()}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    url = postgres_url.rsplit("/", 1)[0] + f"/{db}"
+    path = tiny(tmp_path, steps=3)
+    study = sweep.load_study(path)
+    run_together(tmp_path / "procs", [("cli", ["sweep", str(path), "--methods", "bp", "--storage", url,
+                                               "--out", str(tmp_path / f"worker{i}")]) for i in range(3)])
+    storage = sweep.open_storage(url)
+    try:
+        search = optuna.load_study(study_name="tiny/bp", storage=storage)
+        final = optuna.load_study(study_name="tiny/bp/final", storage=storage)
+        search_trials, final_trials = search.trials, final.trials
+    finally:
+        sweep.close_storage(storage)
+    grid = sorted(json.dumps(p, sort_keys=True) for p in sweep.grid_points(study.method("bp")))
+    assert grid_params(_Trials(search_trials)) == grid and len(search_trials) == len(grid)
+    seeds = sorted(t.params["seed"] for t in final_trials if t.state == TrialState.COMPLETE)
+    assert seeds == list(study.seeds) and len(final_trials) == len(study.seeds)

@@ -417,6 +417,11 @@ def _sweep(args: argparse.Namespace) -> int:
         finally:
             for h in helpers:
                 h.wait()
+        failed = [h.returncode for h in helpers if h.returncode != 0]
+        if failed:  # their own errors are on stderr above
+            print(f"bpfree: error: {len(failed)} of {len(helpers)} extra workers failed (exit codes {failed})",
+                  file=sys.stderr)
+            return 1
     print(f"report: {results['report']['html']}")
     print(f"        {results['report']['markdown']}")
     return 0

@@ -189,7 +189,8 @@ class TrainConfig:
 class RunConfig:
     """Where the run directory goes: ``{out}/{name}`` unless the CLI is given ``--out``.
 
-    ``name`` defaults to ``{data}-{model}-{estimator}``.
+    ``name`` defaults to ``{data}-{model}-{estimator}``; it is one directory
+    name (``bpfree.paths.SAFE_CHARS``), never a path.
     """
 
     out: str = "runs"
@@ -519,8 +520,17 @@ def resolve(config: Config) -> Config:
         estimator=dataclasses.replace(c.estimator, options=est_options),
         optimizer=optimizer,
         train=dataclasses.replace(c.train, device=device),
-        run=dataclasses.replace(c.run, name=c.run.name or f"{c.data.name}-{c.model.name}-{c.estimator.name}"),
+        run=dataclasses.replace(c.run, name=_run_name(c)),
     )
+
+
+def _run_name(c: Config) -> str:
+    """``run.name``, checked to be a safe directory name (``bpfree.paths``), or its default."""
+    from bpfree import paths
+
+    if c.run.name is None:
+        return paths.safe_dirname(f"{c.data.name}-{c.model.name}-{c.estimator.name}")
+    return paths.check_name(c.run.name, "run.name")
 
 
 def _check_options(section: Any, valid: list[str]) -> None:

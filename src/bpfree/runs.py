@@ -36,6 +36,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,12 +133,15 @@ class RunWriter:
     """Writes one run directory; use as a context manager so the CSV files get closed.
 
     Creating it writes ``config.toml`` and the two CSV headers. Refuses a
-    directory that already holds a ``summary.json`` unless ``overwrite``, in
-    which case only the files of :data:`RUN_FILES` are replaced.
+    directory that already holds a run unless ``overwrite``, in which case
+    only the files of :data:`RUN_FILES` are replaced; refuses, also with
+    ``overwrite``, a file and a non-empty directory that is not a bpfree run
+    (:func:`is_bpfree_run_dir`), so a user's own files are never replaced.
     """
 
     def __init__(self, path: str | Path, config_toml: str, *, overwrite: bool = False):
         self.path = Path(path)
+        check_run_dir(self.path)
         if (self.path / "summary.json").exists():
             if not overwrite:
                 raise RunExistsError(
@@ -265,15 +269,23 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as strict JSON via a temporary file and ``os.replace`` (atomic on POSIX)."""
+    """Write ``obj`` as strict JSON via a temporary file and ``os.replace`` (atomic on POSIX).
+
+    The temporary file's name is unique (``mkstemp``), so processes writing the same file at
+    once (sweep workers writing ``sweep.json``) never rename each other's half-written file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------- reading
@@ -297,6 +309,26 @@ class Run:
         """``(steps, wall_time_s, values)`` of ``column`` for every evaluation of ``split``."""
         rows = [r for r in self.evals if r["split"] == split]
         return [r["step"] for r in rows], [r["wall_time_s"] for r in rows], [r[column] for r in rows]
+
+
+def is_bpfree_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a ``summary.json`` that bpfree wrote (it names ``bpfree_version``)."""
+    try:
+        summary = json.loads((Path(path) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and "bpfree_version" in summary
+
+
+def check_run_dir(path: Path) -> None:
+    """``RunExistsError`` unless ``path`` is new, an empty directory or a bpfree run directory."""
+    if path.exists() and not path.is_dir():
+        raise RunExistsError(f"{path} is a file, not a run directory; choose a new or empty --out")
+    if path.is_dir() and any(path.iterdir()) and not is_bpfree_run_dir(path):
+        raise RunExistsError(
+            f"{path} is a non-empty directory that is not a bpfree run (no summary.json written by bpfree); "
+            "bpfree will not write into it: choose a new or empty --out"
+        )
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -49,6 +49,13 @@ from torch.utils._pytree import tree_leaves
 from bpfree.estimators import directions
 from bpfree.estimators.variance.svrg import SNAPSHOTTING
 
+# The CPU allocator (c10::alloc_cpu) aligns every storage to 64 bytes: a count of storage bytes
+# can miss up to 63 bytes per live storage, so peaks closer than 64 B x (storages live at the
+# peak) are not distinguishable. CUDA's caching allocator rounds to 512 B blocks and the
+# statistic is one number, so there we take one 2 MiB segment as the resolution.
+CPU_ALIGNMENT_BYTES = 64
+CUDA_RESOLUTION_BYTES = 2 * 2**20
+
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "directions", "snapshot", "temporaries")
 
 
@@ -62,6 +69,12 @@ class MemoryReport:
     method: str
     notes: str = ""
     category_max: dict[str, int] = field(default_factory=dict)
+    resolution_bytes: int = 0
+
+    @property
+    def resolution_mb(self) -> float:
+        """Peaks closer than this are not distinguishable (see :func:`measure_step_memory`)."""
+        return self.resolution_bytes / 2**20
 
     @property
     def peak_mb(self) -> float:
@@ -74,6 +87,7 @@ class MemoryReport:
             "baseline_bytes": self.baseline_bytes,
             "by_category_bytes": dict(self.by_category),
             "category_max_bytes": dict(self.category_max),
+            "resolution_bytes": self.resolution_bytes,
             "method": self.method,
             "notes": self.notes,
         }
@@ -174,11 +188,13 @@ class LiveTensorTracker(TorchDispatchMode):
         by_cat = dict.fromkeys(CATEGORIES, 0)
         cat_max = dict.fromkeys(CATEGORIES, 0)
         events: list[tuple[int, int, str]] = []
+        live_at_peak = 0
         for rec in self._all:
             st = rec.ref()
             cat = _category(rec, None if st is None else id(st), grads, state)
             if rec.born <= self._peak_at < rec.died:
                 by_cat[cat] += rec.nbytes
+                live_at_peak += 1
             events.append((rec.born, rec.nbytes, cat))
             if rec.died != float("inf"):
                 events.append((int(rec.died), -rec.nbytes, cat))
@@ -192,6 +208,7 @@ class LiveTensorTracker(TorchDispatchMode):
             baseline_bytes=self.baseline_bytes,
             method="cpu: live-tensor dispatch tracker (exact storage bytes)",
             category_max=cat_max,
+            resolution_bytes=CPU_ALIGNMENT_BYTES * live_at_peak,
         )
 
 
@@ -259,5 +276,6 @@ def _cuda_step_memory(step, model, optimizer, device) -> MemoryReport:
               "other": max(peak - params - grads - state, 0)}
     return MemoryReport(peak_bytes=peak, by_category=by_cat, baseline_bytes=baseline,
                         method="cuda: torch.cuda.max_memory_allocated, peak reset before the step",
+                        resolution_bytes=CUDA_RESOLUTION_BYTES,
                         notes="activations, directions and temporaries are not separated on CUDA")
 

@@ -160,35 +160,56 @@ def training_step_cost(
     """FLOPs and peak memory by category of one training step, for run records.
 
     ``model`` is used as given (pass a copy to keep the real one untouched).
-    The step is ``estimate`` + ``optimizer.step()``; one untracked step runs
-    first so that the optimizer's state exists (as in every step after the
-    first) and lazy initialisation is not counted. FLOPs count the estimate
-    (the optimizer's elementwise update is not a matmul). Memory starts from
-    ``p.grad = None`` (``zero_grad(set_to_none=True)``).
+    One untracked step (``estimate`` + ``optimizer.step()``) runs first so that
+    the optimizer's state exists (as in every step after the first) and lazy
+    initialisation is not counted. FLOPs count the estimate (the optimizer's
+    elementwise update is not a matmul). Memory starts from ``p.grad = None``
+    (``zero_grad(set_to_none=True)``) and is measured twice:
+
+    * **estimate** — one ``estimate`` call alone, the optimizer's state left
+      out: what the gradient method costs (parameters, gradients, saved
+      activations, directions, temporaries);
+    * **step** — ``estimate`` + ``optimizer.step()`` with the optimizer's state
+      counted: what a training step costs (``peak_memory_mb``).
+
+    A method that updates in place (MeZO with ``lr``) skips the optimizer, so
+    its two peaks are the same computation.
     """
     gen = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
     optimizer = make_optimizer(model) if make_optimizer is not None else None
 
+    def estimate() -> Any:
+        return estimator.estimate(model, closure, generator=gen)
+
     def step() -> None:
-        out = estimator.estimate(model, closure, generator=gen)
+        out = estimate()
         if optimizer is not None and not out.details.get("updated_in_place", False):
             optimizer.step()
 
     step()
     forward = flops_mod.forward_flops(closure)
-    count = flops_mod.count_flops(lambda: estimator.estimate(model, closure, generator=gen))
+    count = flops_mod.count_flops(estimate)
     for p in model.parameters():
         p.grad = None
     with torch.no_grad():
         inference = memory_mod.measure_step_memory(closure, model=model, device=device)
+    est = memory_mod.measure_step_memory(estimate, model=model, device=device)
+    for p in model.parameters():
+        p.grad = None
     mem = memory_mod.measure_step_memory(step, model=model, optimizer=optimizer, device=device)
+    ratio = lambda r: r.peak_bytes / inference.peak_bytes if inference.peak_bytes else None  # noqa: E731
     return {
         "flops_per_step": count,
         "flops_forward": forward,
         "flops_forward_equivalents": count / forward if forward else None,
         "peak_memory_mb": mem.peak_mb,
         "memory_by_category_mb": {k: v / 2**20 for k, v in mem.by_category.items()},
+        "peak_over_inference": ratio(mem),
+        "estimate_peak_memory_mb": est.peak_mb,
+        "estimate_memory_by_category_mb": {k: v / 2**20 for k, v in est.by_category.items()},
+        "estimate_over_inference": ratio(est),
         "inference_peak_mb": inference.peak_mb,
-        "peak_over_inference": mem.peak_bytes / inference.peak_bytes if inference.peak_bytes else None,
+        "parameters_mb": sum(t.numel() * t.element_size() for t in model.parameters()) / 2**20,
+        "memory_resolution_mb": max(est.resolution_mb, mem.resolution_mb),
         "memory_method": mem.method,
     }

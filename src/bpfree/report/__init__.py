@@ -23,6 +23,7 @@ from typing import Iterable
 
 from bpfree import runs as runs_lib
 from bpfree.report import html as html_report
+from bpfree.report import memory as memory_view
 from bpfree.report import plots, tables
 from bpfree.runs import Run
 
@@ -56,6 +57,11 @@ def build(
     written["html"] = out / "report.html"
     written["html"].write_text(html_report.render(title, run_list, figures, meta))
     return written
+
+
+def memory_markdown(run_list: list[Run]) -> list[str]:
+    """The "Memory" and "Comparable memory" sections (``bpfree.report.memory``), as markdown lines."""
+    return memory_view.markdown(memory_view.blocks(run_list))
 
 
 def default_title(run_list: list[Run]) -> str:
@@ -112,9 +118,7 @@ def markdown(title: str, run_list: list[Run], figures: dict[str, tuple[str, byte
     for r in run_list:
         if r.summary.get("reason"):
             lines.append(f"- {r.label}: {r.summary['reason']}")
-    mem_header, mem_rows = tables.comparable_memory(run_list)
-    if mem_rows:
-        lines += ["", "## Comparable memory", "", tables.MEMORY_NOTE, "", tables.markdown(mem_header, mem_rows)]
+    lines += memory_markdown(run_list)
     lines += ["", "## Curves", ""]
     lines += [f"![{caption}]({name})\n" for name, (caption, _) in figures.items()]
     lines += ["## Settings", "", "Differing between runs:", ""]

@@ -107,29 +107,107 @@ def training_loss(runs: list[Run], *, title: str, smoothing: float = 0.9) -> byt
     return _png(fig)
 
 
+def plain_mb_axis(axis, values: list[float], resolution: float) -> str:
+    """Memory axis in plain MB: no offset or scientific notation, log scale only when the
+    values span more than 10x, and a range that shows real differences. Returns a note
+    ("" or "all peaks within X KB: below the measurement's resolution") for the caption.
+
+    When every value lies within ``resolution`` (or within 0.5% of their mean), the axis
+    is centred on them with a ±5% window, so differences below resolution are not spread
+    across the plot as if they were real.
+    """
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:.3g}" if abs(v) >= 1 else f"{v:.2g}")
+    note = ""
+    is_x = axis is axis.axes.xaxis
+    if values:
+        lo, hi = min(values), max(values)
+        if lo > 0 and hi / lo > 10:
+            (axis.axes.set_xscale if is_x else axis.axes.set_yscale)("log")
+            axis.set_minor_formatter(NullFormatter())
+        else:
+            mid, span = (lo + hi) / 2, hi - lo
+            if span <= max(resolution, 0.005 * mid):
+                note = (f"all peaks within {1024 * span:.1f} KB of each other: below the measurement's resolution "
+                        f"({1024 * resolution:.1f} KB), drawn as equal")
+                half = max(0.05 * mid, resolution)
+            else:
+                half = 0.5 * span + 0.08 * span + 0.01 * mid
+            (axis.axes.set_xlim if is_x else axis.axes.set_ylim)(max(0.0, mid - half), mid + half)
+    axis.set_major_formatter(fmt)
+    return note
+
+
 def accuracy_vs_memory(runs: list[Run], *, title: str) -> bytes:
-    """Final validation accuracy against peak step memory: the "comparable memory" view."""
-    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
-    ax = fig.subplots()
-    mems = []
-    for run, style in zip(runs, _styles(len(runs))):
-        mem, acc = run.summary.get("peak_memory_mb"), run.summary.get("final_val_accuracy")
-        if mem is None or acc is None:
-            continue
-        mems.append(mem)
-        ax.scatter([mem], [100 * acc], color=style["color"], s=50, label=_legend_label(run), zorder=3)
-        ax.annotate(run.label, (mem, 100 * acc), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
-    log = bool(mems) and max(mems) / min(mems) > 10
-    if log:
-        ax.set_xscale("log")
-    ax.set(
-        xlabel="peak memory of one training step (MB" + (", log scale)" if log else ")"),
-        ylabel="final validation accuracy (%)",
-        title="Accuracy at comparable memory (up and left is better)",
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    if mems:  # a diverged run has no accuracy to place
-        ax.legend(fontsize="small", loc="best")
+    """Final validation accuracy against the two peaks (estimate alone; whole training step),
+    with the Pareto frontier (``bpfree.report.memory.pareto``): seed 000's comparable-memory view."""
+    from bpfree.report import memory as memory_view
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    resolution = memory_view.resolution(runs)
+    styles = _styles(len(runs))
+    for ax, (key, what) in zip(axes, (("estimate_peak_memory_mb", "one estimate alone"),
+                                      ("peak_memory_mb", "one training step (estimate + optimizer)"))):
+        points = []
+        for run, style in zip(runs, styles):
+            mem, acc = run.summary.get(key), run.summary.get("final_val_accuracy")
+            if mem is None or acc is None:
+                continue
+            points.append((mem, 100 * acc, run))
+            ax.scatter([mem], [100 * acc], color=style["color"], marker="o^sDvP*X"[len(points) % 8], s=55,
+                       label=_legend_label(run), zorder=3, alpha=0.85)
+        if len(points) <= 4:  # more labels than that overlap; the legend names the markers
+            for mem, acc, run in points:
+                ax.annotate(run.label, (mem, acc), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+        front = sorted((m, a) for m, a, r in points if r in memory_view.pareto(points))
+        if front:
+            xs, ys = zip(*front)
+            ax.step(xs, ys, where="post", color="0.4", linewidth=1, zorder=2, label="Pareto frontier")
+        note = plain_mb_axis(ax.xaxis, [m for m, _, _ in points], resolution)
+        xlabel = f"peak memory of {what} (MB" + (", log scale)" if ax.get_xscale() == "log" else ")")
+        ax.set(xlabel=xlabel + (f"\n{note}" if note else ""),
+               title=("Estimate peak" if key.startswith("estimate") else "Whole-step peak"))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("final validation accuracy (%)")
+    handles, names = axes[1].get_legend_handles_labels()
+    if handles:  # a diverged run has no accuracy to place
+        fig.legend(handles, names, loc="outside right upper", fontsize="x-small")
+    fig.suptitle(f"{title}: accuracy at comparable memory (up and left is better)")
+    return _png(fig)
+
+
+def memory_by_category(runs: list[Run], *, title: str) -> bytes:
+    """Stacked horizontal bars: each run's estimate and step peaks split by category (MB)."""
+    from bpfree.report import memory as memory_view
+
+    measured = [r for r in runs if r.summary.get("peak_memory_mb") is not None]
+    cats = [c for c in memory_view.SYMBOLS if any(
+        (r.summary.get(k) or {}).get(c, 0) > 0 for r in measured
+        for k in ("estimate_memory_by_category_mb", "memory_by_category_mb"))]
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    fig = Figure(figsize=(11, 1.6 + 0.45 * max(1, len(measured))), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    labels = [r.label for r in measured]
+    for ax, key, name in zip(axes, ("estimate_memory_by_category_mb", "memory_by_category_mb"),
+                             ("Estimate peak by category", "Whole-step peak by category")):
+        left = [0.0] * len(measured)
+        for ci, cat in enumerate(cats):
+            widths = [(r.summary.get(key) or {}).get(cat, 0.0) for r in measured]
+            ax.barh(range(len(measured)), widths, left=left, color=cmap(ci),
+                    label=f"{memory_view.SYMBOLS[cat]}: {memory_view.NAMES[cat]}")
+            left = [a + b for a, b in zip(left, widths)]
+        ax.set(title=name, xlabel="MB at the peak")
+        plain_mb_axis(ax.xaxis, [], 0.0)
+        ax.set_xlim(0, max([*left, 1e-3]) * 1.05)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(measured)), labels, fontsize="small")
+    axes[0].invert_yaxis()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(cats), 4), fontsize="small")
     fig.suptitle(title)
     return _png(fig)
 
@@ -144,11 +222,16 @@ def all_plots(runs: list[Run], *, title: str) -> dict[str, tuple[str, bytes]]:
                 "Validation loss and accuracy vs training compute (counted FLOPs)",
                 validation_curves(runs, "flops", title=title),
             ),
-            "accuracy_vs_memory.png": (
-                "Final validation accuracy vs peak memory of a training step",
-                accuracy_vs_memory(runs, title=title),
-            ),
         }
+    if any(r.summary.get("peak_memory_mb") is not None for r in runs):
+        extra["accuracy_vs_memory.png"] = (
+            "Final validation accuracy vs peak memory of one estimate and of one training step",
+            accuracy_vs_memory(runs, title=title),
+        )
+        extra["memory_by_category.png"] = (
+            "Peak memory of one estimate and of one training step, by category",
+            memory_by_category(runs, title=title),
+        )
     return {
         "val_vs_steps.png": (
             "Validation loss and accuracy vs optimizer steps",

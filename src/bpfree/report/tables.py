@@ -43,8 +43,8 @@ COLUMNS: list[Column] = [
     ("ms/step", lambda r: r.summary.get("ms_per_step"), _num(".2f")),
     ("fwd passes/step", lambda r: r.summary.get("forward_passes_per_step"), _num(".3g")),
     ("GFLOP/step", lambda r: _scaled(r.summary.get("flops_per_step"), 1e-9), _num(".3g")),
-    ("peak MB", lambda r: r.summary.get("peak_memory_mb"), _num(".1f")),
-    ("MB / inference", lambda r: r.summary.get("peak_over_inference"), _num(".2f")),
+    ("estimate peak MB", lambda r: r.summary.get("estimate_peak_memory_mb"), _num(".2f")),
+    ("step peak MB", lambda r: r.summary.get("peak_memory_mb"), _num(".2f")),
     ("train acc", lambda r: r.summary.get("final_train_accuracy"), _pct),
     ("val loss", lambda r: r.summary.get("final_val_loss"), _num(".4f")),
     ("val acc", lambda r: r.summary.get("final_val_accuracy"), _pct),
@@ -58,9 +58,9 @@ NOTES = [
     "fwd passes/step: the estimator's cost in forward-pass equivalents by analytic accounting "
     "(forward 1, backward 2, jvp 1 + 2 per tangent), averaged over the steps.",
     "GFLOP/step: FLOPs of one estimate counted by torch's FlopCounterMode (matmul-like ops, "
-    "jvp tangent ops included); peak MB: peak live tensor memory of one training step "
-    "(estimate + optimizer step), by category in summary.json; MB / inference: that peak over the "
-    "peak of one no-grad forward of the same batch.",
+    "jvp tangent ops included). estimate peak MB: peak live tensor memory of one estimate alone "
+    "(what the gradient method costs); step peak MB: of one training step (estimate + optimizer "
+    "step, the optimizer's state counted). Both by category in Memory below and in summary.json.",
     "train/val/test: mean cross-entropy and accuracy on the whole split after the last step "
     "(train: the training split without the held-out validation part).",
 ]
@@ -106,38 +106,9 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
 
 
 def html_table(header: list[str], body: list[list[str]], *, cls: str = "") -> str:
-    """An HTML table with escaped cells."""
+    """An HTML table with escaped cells, in a scroll box of its own: a table wider than the
+    page scrolls inside the box, never the whole page."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>'
-
-
-MEMORY_NOTE = (
-    "Each row is a memory budget equal to one run's peak step memory; a method counts when its "
-    "own peak fits. Seed 000 compares methods this way (\"at comparable memory\")."
-)
-
-
-def comparable_memory(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    """Seed 000's "comparable memory" view: for each memory budget (each run's
-    peak), the runs that fit in it and the best validation accuracy among them.
-
-    Returns ``(header, rows)``; runs without a measured peak are left out.
-    """
-    measured = sorted(
-        (r for r in runs if r.summary.get("peak_memory_mb") is not None), key=lambda r: r.summary["peak_memory_mb"]
-    )
-    header = ["memory budget (MB)", "runs within budget", "best val acc", "by"]
-    body = []
-    for i, r in enumerate(measured):
-        budget = r.summary["peak_memory_mb"]
-        fits = [m for m in measured[: i + 1]]
-        scored = [m for m in fits if m.summary.get("final_val_accuracy") is not None]
-        best = max(scored, key=lambda m: m.summary["final_val_accuracy"], default=None)
-        body.append([
-            f"{budget:.1f}",
-            ", ".join(m.label for m in fits),
-            _pct(best.summary["final_val_accuracy"]) if best else "—",
-            best.label if best else "—",
-        ])
-    return header, body
+    return (f'<div class="table-box"><table class="{cls}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{trs}</tbody></table></div>")

@@ -17,7 +17,7 @@ Each estimator is given as a **spec**::
 * a list of specs is separated by commas; commas inside ``[...]``, ``{...}``
   or quotes do not split. The spec text is the run's label; its directory
   name is the label with characters other than letters, digits and ``._=+-``
-  replaced by ``-``.
+  replaced by ``-`` and a leading ``.`` or ``-`` dropped (``bpfree.paths``).
 
 Learning rate of each run, first found: the spec's ``lr``; ``lrs[label]``;
 ``lrs[name]``, where ``lrs`` is the config's ``[compare] lr`` table updated by
@@ -33,7 +33,6 @@ the same weights and sees the same batches in the same order
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from bpfree import config as config_lib
-from bpfree import data, report, runs, train
+from bpfree import data, paths, report, runs, train
 from bpfree.config import Config, ConfigError
 
 BUDGET_KEYS = {"steps": "max_steps", "seconds": "max_seconds", "epochs": "epochs"}
@@ -63,7 +62,7 @@ class Spec:
 
     @property
     def dirname(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._=+-]+", "-", self.text).strip("-") or "run"
+        return paths.safe_dirname(self.text)
 
 
 def split_top_level(text: str, sep: str) -> list[str]:
@@ -189,6 +188,9 @@ def run(
     out = Path(out_dir)
     if runs.is_compare_dir(out) and not overwrite:
         raise runs.RunExistsError(f"{out} already holds a comparison; choose another --out, or pass --overwrite")
+    paths.check_output_dir(out, "compare", ["compare.json"])
+    for spec, _ in planned:
+        paths.inside(out, spec.dirname)
     checked = set()
     for _, cfg in planned:  # a missing data set fails here, before anything is written
         d = cfg.data
@@ -219,7 +221,7 @@ def run(
     for i, ((spec, cfg), entry) in enumerate(zip(planned, record["runs"]), 1):
         log(f"[{i}/{len(planned)}] {spec.label} (lr {cfg.optimizer.lr:g}) -> {out / spec.dirname}")
         try:
-            summary = train.run(cfg, out / spec.dirname, label=spec.label, overwrite=overwrite)
+            summary = train.run(cfg, paths.inside(out, spec.dirname), label=spec.label, overwrite=overwrite)
         except (ConfigError, data.DatasetNotFoundError, runs.RunExistsError):
             raise
         except KeyboardInterrupt:  # before the run's loop started (e.g. while loading data)

@@ -422,8 +422,12 @@ def build_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
           "## Iterations to target (BP vs FG)", "", ratio_def, "", tables.markdown(r_header, r_body), "",
           "## Figures", ""]
     md += [f"![{c}]({n})\n" for n, c, _ in figures] or ["(no final runs yet)", ""]
+    from bpfree.report import memory as memory_view
+
+    memory = memory_view.blocks(sweep.memory_runs(results))
     md += ["## Every method", "", tables.markdown(g_header, g_body), "",
-           *(f"- {n}" for n in sweep.REPORT_NOTES), "", "## Commands", "", "```", *commands, "```", ""]
+           *(f"- {n}" for n in sweep.REPORT_NOTES), *memory_view.markdown(memory),
+           "## Commands", "", "```", *commands, "```", ""]
     written["markdown"] = out / "report.md"
     written["markdown"].write_text("\n".join(md) + "\n")
     blocks: list[tuple[str, Any]] = [("p", f"Preset {preset}; objective {results['objective']} on the validation "
@@ -433,7 +437,7 @@ def build_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
                                      ("h2", "Iterations to target (BP vs FG)"), ("p", ratio_def),
                                      ("table", (r_header, r_body)), ("h2", "Figures")]
     blocks += [("img", (c, png)) for _, c, png in figures]
-    blocks += [("h2", "Every method"), ("table", (g_header, g_body)), ("ul", sweep.REPORT_NOTES),
+    blocks += [("h2", "Every method"), ("table", (g_header, g_body)), ("ul", sweep.REPORT_NOTES), *memory,
                ("h2", "Commands"), ("pre", "\n".join(commands))]
     written["html"] = out / "report.html"
     written["html"].write_text(sweep.html_page(results["title"], blocks))

@@ -67,7 +67,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import socket
 import statistics
 import sys
@@ -80,7 +79,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from bpfree import config as config_lib
-from bpfree import data, runs, train
+from bpfree import data, paths, runs, train
 from bpfree.config import Config, ConfigError
 
 BUDGET_KEYS = ("steps", "epochs", "seconds", "flops")
@@ -234,8 +233,10 @@ def from_dict(
     base = config_lib.apply_overrides(merged.get("base", {}), overrides)
     config_lib.from_dict(base, origin=f"{source} [base]")  # keys checked here, values per method
     methods = []
+    paths.check_name(s.get("name") or Path(source).stem, f"{source}: study.name")
     for name, m in merged.get("method", {}).items():
         where = f"{source} [method.{name}]"
+        paths.check_name(name, f"{source}: method name")
         for key in m:
             if key not in METHOD_KEYS:
                 raise ConfigError(f"{where}: unknown key {key!r}{_near(key, METHOD_KEYS)}")
@@ -426,23 +427,61 @@ def open_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            for attempt in range(5):
-                try:
-                    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
-                                                      grace_period=grace_period, **kwargs)
-                except ImportError:
-                    raise
-                except Exception as e:
-                    # Workers that start together on an empty database race to create optuna's
-                    # tables; the losers see "already exists" and find the tables on a retry.
-                    if attempt == 4 or not any(w in str(e).lower() for w in ("already exists", "duplicate", "locked")):
-                        raise
-                    time.sleep(0.5 + 0.5 * attempt)
+            # Workers that start together on an empty database race to create optuna's tables
+            # and stamp alembic's version (optuna/optuna#1092, #4621: "UNIQUE constraint failed:
+            # alembic_version.version_num"); optuna's advice is to create the storage once before
+            # the workers start. creation_lock makes that so: one opener at a time creates or
+            # checks the schema, the others then open a finished database.
+            with creation_lock(url):
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
+                                                  grace_period=grace_period, **kwargs)
         except ImportError as e:
             raise ConfigError(
                 f"storage {url.split('://')[0]}:// needs its database driver ({e}); for PostgreSQL "
                 "install it with: pip install 'bpfree[postgres]' (psycopg 3)"
             ) from None
+
+
+# the key of the PostgreSQL advisory lock held while optuna's schema is created or checked
+_PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"bpfree sweep storage creation").digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def creation_lock(url: str):
+    """Serialise storage creation between processes: an exclusive ``flock`` on ``DB.lock``
+    beside a SQLite file, a session advisory lock (``pg_advisory_lock``) on PostgreSQL
+    (released when the connection closes, so a killed worker never leaves it held);
+    no lock for other URLs."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        import fcntl
+
+        lock_path = Path(parsed.database).with_name(Path(parsed.database).name + ".lock")
+        with open(lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # blocks until the current creator is done
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    elif parsed.get_backend_name() == "postgresql":
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+                    conn.commit()
+        finally:
+            engine.dispose()
+    else:
+        yield
 
 
 def close_storage(storage: Any) -> None:
@@ -706,11 +745,16 @@ def run(
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
-    if overwrite:
-        if storage is not None:
-            raise ConfigError("--overwrite only clears the default SQLite storage; delete remote studies yourself")
-        clear(study, out)
-    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and storage is not None:
+        raise ConfigError("--overwrite only clears the default SQLite storage; delete remote studies yourself")
+    prepare_out(out)
+    with worker_lock(out, exclusive=overwrite):
+        if overwrite:
+            _clear_locked(study, out)
+        return _run_locked(study, out, storage, methods, n_trials, report, log, heartbeat_interval, grace_period)
+
+
+def _run_locked(study, out, storage, methods, n_trials, report, log, heartbeat_interval, grace_period):
     url = storage or default_storage(out)
     store = open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     selected = [study.method(n) for n in methods] if methods is not None else list(study.methods)
@@ -761,12 +805,70 @@ def build_report(study: Study, results: Mapping[str, Any], out: Path) -> dict[st
     return write_report(results, Path(out))
 
 
+SWEEP_MARK = ".bpfree-sweep"  # written into every sweep directory: "bpfree wrote here"
+STORAGE_FILES = ("sweep.db", "sweep.db-journal", "sweep.db-wal", "sweep.db-shm")
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out`` for a sweep, or check that it already is one (``bpfree.paths``):
+    a non-empty directory without a sweep's files is refused."""
+    paths.check_output_dir(out, "sweep", [SWEEP_MARK, "sweep.db", "sweep.json"])
+    out.mkdir(parents=True, exist_ok=True)
+    mark = out / SWEEP_MARK
+    if not mark.exists():
+        mark.write_text("bpfree sweep directory: --overwrite deletes only the files bpfree wrote here\n")
+
+
+@contextlib.contextmanager
+def worker_lock(out: Path, *, exclusive: bool):
+    """``flock`` on ``OUT/.sweep.lock`` for the whole life of a worker: shared by the workers
+    of one sweep, exclusive (and not waited for) for ``--overwrite``, so that an overwrite
+    never deletes the storage or runs of a worker still using them."""
+    import fcntl
+
+    with open(out / ".sweep.lock", "a") as f:
+        try:  # a plain worker waits while an --overwrite clears (it then holds the lock shared too)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            raise ConfigError(f"another bpfree sweep worker is using {out}; --overwrite would delete its storage "
+                              "and runs: stop it (or let it finish) first, or choose another --out") from None
+        try:
+            yield
+            if exclusive:  # done clearing: from now on an ordinary worker
+                fcntl.flock(f, fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def clear(study: Study, out: str | Path) -> None:
-    """Delete the default SQLite storage and the method run directories under ``out``."""
+    """``--overwrite``: delete the default SQLite storage and the run directories bpfree wrote
+    under ``out``, refusing while another worker uses ``out`` (:func:`worker_lock`)."""
     out = Path(out)
+    if not out.is_dir():
+        return
+    prepare_out(out)
+    with worker_lock(out, exclusive=True):
+        _clear_locked(study, out)
+
+
+def _clear_locked(study: Study, out: Path) -> None:
+    """Delete only what bpfree wrote: each method's ``trial-*`` run directories (their
+    :data:`bpfree.runs.RUN_FILES`; a directory keeps anything else), then the directories
+    that left empty, then the storage files. Nothing outside ``out`` is touched."""
     for m in study.methods:
-        shutil.rmtree(out / m.name, ignore_errors=True)
-    (out / "sweep.db").unlink(missing_ok=True)
+        method_dir = paths.inside(out, m.name)
+        if method_dir.is_symlink() or not method_dir.is_dir():
+            continue
+        final_dir = method_dir / "final"
+        for parent in (final_dir, method_dir):
+            if parent.is_dir() and not parent.is_symlink():
+                for run_dir in sorted(parent.glob("trial-*")):
+                    if run_dir.is_dir() and not run_dir.is_symlink() and runs.is_bpfree_run_dir(run_dir):
+                        paths.remove_written(run_dir, runs.RUN_FILES)
+        paths.remove_written(final_dir, ())
+        paths.remove_written(method_dir, ())
+    for name in STORAGE_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _safe_url(url: str) -> str:
@@ -946,12 +1048,12 @@ def _run_trial(study: Study, state: _MethodState, trial: Any, role: str, out: Pa
     if role == "search":
         values = suggest(trial, m)
         seed = study.search_seed
-        run_dir = out / m.name / f"trial-{number:04d}"
+        run_dir = paths.inside(out, m.name, f"trial-{number:04d}")
     else:
         seed = int(trial.suggest_categorical("seed", list(study.seeds)))
         best = owner.user_attrs[_ATTR + "best_params"]
         values = {k: _decode(v) for k, v in best.items()}
-        run_dir = out / m.name / "final" / f"trial-{number:04d}-seed-{seed}"
+        run_dir = paths.inside(out, m.name, "final", f"trial-{number:04d}-seed-{seed}")
     cfg = method_config(study, m, values, seed=seed, budget=state.steps_budget)
     cfg = config_lib.resolve(config_lib.updated(cfg, {"train.progress": False, "train.measure": role == "final"}))
     trial.set_user_attr(_ATTR + "run_dir", str(run_dir))
@@ -994,7 +1096,9 @@ def _fmt(v: Any) -> str:
 
 
 SUMMARY_KEYS = ("status", "reason", "steps", "epochs_completed", "train_seconds", "ms_per_step", "flops_per_step",
-                "peak_memory_mb", "final_train_loss", "final_train_accuracy", "final_val_loss",
+                "peak_memory_mb", "memory_by_category_mb", "peak_over_inference", "estimate_peak_memory_mb",
+                "estimate_memory_by_category_mb", "estimate_over_inference", "inference_peak_mb", "parameters_mb",
+                "memory_resolution_mb", "final_train_loss", "final_train_accuracy", "final_val_loss",
                 "final_val_accuracy", "final_test_loss", "final_test_accuracy", "diverged_at_step", "data_source",
                 "steps_per_epoch")
 
@@ -1002,6 +1106,7 @@ SUMMARY_KEYS = ("status", "reason", "steps", "epochs_completed", "train_seconds"
 def _summary_subset(summary: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: summary.get(k) for k in SUMMARY_KEYS}
     out["model"] = summary.get("model", {})
+    out["estimator"] = summary.get("estimator", {})
     out["optimizer"] = summary.get("optimizer", {})
     out["schedule_decay"] = summary.get("schedule_decay")
     return runs.json_safe(out)
@@ -1146,19 +1251,38 @@ def write_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
     from bpfree.report import html as html_lib
     from bpfree.report import tables
 
+    from bpfree.report import memory as memory_view
+
     header, body = results_table(results)
     png = final_curves_png(results, title=results["title"])
     (out / "final_curves.png").write_bytes(png)
+    memory = memory_view.blocks(memory_runs(results))
     lines = [f"# {results['title']}", "", *_report_meta(results), "", "## Results", "",
-             tables.markdown(header, body), "", *(f"- {n}" for n in REPORT_NOTES), "",
+             tables.markdown(header, body), "", *(f"- {n}" for n in REPORT_NOTES), *memory_view.markdown(memory),
              "## Curves", "", "![Validation loss of the final runs (mean over seeds)](final_curves.png)", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     html = html_page(results["title"], [("p", x) for x in _report_meta(results)] + [
-        ("h2", "Results"), ("table", (header, body)), ("ul", REPORT_NOTES), ("h2", "Curves"),
+        ("h2", "Results"), ("table", (header, body)), ("ul", REPORT_NOTES), *memory, ("h2", "Curves"),
         ("img", ("Validation loss of the final runs (mean over seeds)", png))])
     (out / "report.html").write_text(html)
     del html_lib
     return {"markdown": out / "report.md", "html": out / "report.html", "final_curves.png": out / "final_curves.png"}
+
+
+def memory_runs(results: Mapping[str, Any]) -> list[Any]:
+    """One ``bpfree.runs.Run`` per method for the memory view: the memory of its first final run
+    (every seed measures the same step), its label, and its mean validation accuracy over seeds."""
+    from bpfree.runs import Run
+
+    out = []
+    for m in results["methods"]:
+        finals = m.get("finals") or []
+        if not finals or finals[0]["summary"].get("peak_memory_mb") is None:
+            continue
+        summary = {**finals[0]["summary"], "label": m["name"],
+                   "final_val_accuracy": (m.get("val_accuracy") or {}).get("mean")}
+        out.append(Run(Path(m["name"]), {}, summary))
+    return out
 
 
 REPORT_NOTES = [

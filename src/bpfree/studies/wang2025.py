@@ -27,6 +27,7 @@ with the plots as PNG files beside them; the paper's numbers sit beside ours.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import importlib.resources
@@ -48,6 +49,7 @@ from bpfree import data, estimators, models, runs, train
 from bpfree.config import ConfigError
 from bpfree.estimators import guessed
 from bpfree.measure import quality
+from bpfree.report import memory as memory_view
 from bpfree.studies import compare
 
 NAME = "wang2025"
@@ -333,6 +335,18 @@ def run_study(preset: str = "cpu", out: str | Path = "runs/wang2025", *, overwri
 # ----------------------------------------------------------------------------- the report
 
 
+def memory_runs(record: dict[str, Any], out: Path) -> list[runs.Run]:
+    """The study's measured training runs, read back for the memory view (``bpfree.report.memory``)."""
+    found = []
+    for r in record.get("training", []):
+        path = out / r["dir"]
+        if runs.is_run_dir(path):
+            run = runs.read_run(path)
+            run.summary.setdefault("label", f"w{r['width']} {r['label']}")
+            found.append(run)
+    return found
+
+
 def rebuild_report(out: str | Path) -> dict[str, Any]:
     """Rewrite the report of a finished study from its ``study.json`` alone (no training, no measuring)."""
     out = Path(out)
@@ -562,6 +576,7 @@ def write_report(record: dict[str, Any], out: Path) -> dict[str, str]:
                          "upstream Jacobian W̃ = W_{i+1}M_i (what a W-perp guess can reach), averaged over "
                          f"{p['energy_examples']} examples.", energy_table(record, where), [f"energy_{where}"]))
     notes = verdicts(record)
+    memory = memory_view.blocks(memory_runs(record, out))
     md = [f"# {TITLE}", "", f"Preset **{p['name']}**: {p['description']}", "",
           f"Run {record['started_at']} → {record.get('finished_at')}, {_fmt(record.get('seconds', 0) / 60, '.1f')} min, "
           f"torch {record['torch_version']} with {record['torch_threads']} thread(s). Runs under `runs/`; all numbers "
@@ -571,6 +586,7 @@ def write_report(record: dict[str, Any], out: Path) -> dict[str, str]:
         if table and table[1]:
             md += [_table(*table), ""]
         md += [f"![{f}]({files[f]})" for f in figs if f in files] + [""]
+    md += memory_view.markdown(memory)
     (out / "report.md").write_text("\n".join(md))
 
     from bpfree.report import html as html_report
@@ -584,7 +600,9 @@ def write_report(record: dict[str, Any], out: Path) -> dict[str, str]:
             body.append(f"<p>{html.escape(text)}</p>")
         if table and table[1]:
             body.append(tables.html_table(*table))
-        body += [f"<img src='{files[f]}' alt='{f}'>" for f in figs if f in files]
+        body += [f"<img src='data:image/png;base64,{base64.b64encode((out / files[f]).read_bytes()).decode('ascii')}' "
+                 f"alt='{html.escape(f)}'>" for f in figs if f in files]  # embedded: the page stands alone
+    body += [html_report.block(kind, content) for kind, content in memory]
     page = f"<!doctype html><meta charset='utf-8'><title>{html.escape(TITLE)}</title><style>{html_report.CSS}</style>" \
            + "\n".join(body)
     (out / "report.html").write_text(page)
