@@ -853,7 +853,8 @@ def clear(study: Study, out: str | Path) -> None:
 
 def _clear_locked(study: Study, out: Path) -> None:
     """Delete only what bpfree wrote: each method's ``trial-*`` run directories (their
-    :data:`bpfree.runs.RUN_FILES`; a directory keeps anything else), then the directories
+    :data:`bpfree.runs.RUN_FILES` and its ``run.lock``, which no worker holds under the exclusive
+    worker lock; a directory keeps anything else), then the directories
     that left empty, then the storage files. Nothing outside ``out`` is touched."""
     for m in study.methods:
         method_dir = paths.inside(out, m.name)
@@ -864,7 +865,7 @@ def _clear_locked(study: Study, out: Path) -> None:
             if parent.is_dir() and not parent.is_symlink():
                 for run_dir in sorted(parent.glob("trial-*")):
                     if run_dir.is_dir() and not run_dir.is_symlink() and runs.is_bpfree_run_dir(run_dir):
-                        paths.remove_written(run_dir, runs.RUN_FILES)
+                        paths.remove_written(run_dir, (*runs.RUN_FILES, runs.LOCK_FILE))
         paths.remove_written(final_dir, ())
         paths.remove_written(method_dir, ())
     for name in STORAGE_FILES:
