@@ -161,3 +161,15 @@ def test_compare_spec_overrides_cannot_name_paths():
                         "train": {"max_steps": 1}})
     with pytest.raises(ConfigError, match="run.name"):
         compare.plan(base, compare.parse_specs("backprop:run.name=../../x"))
+
+
+def test_a_run_killed_before_its_first_summary_is_still_bpfree_s(tmp_path):
+    """The window between a run directory's creation and its first full summary: a process
+    killed there (a sweep worker SIGKILLed mid-start) leaves a directory that a retry with
+    ``overwrite`` reuses instead of refusing as a stranger's (which lost a grid point)."""
+    d = tmp_path / "run"
+    writer = runs.RunWriter(d, "# config\n")
+    writer.close()  # no write_summary: as if the process died right after creating the directory
+    assert runs.is_bpfree_run_dir(d)
+    runs.check_run_dir(d)  # no RunExistsError
+    runs.RunWriter(d, "# config\n", overwrite=True).close()

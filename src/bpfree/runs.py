@@ -150,6 +150,12 @@ class RunWriter:
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
+        # Mark the directory as bpfree's before anything else lands in it: a process killed
+        # between here and the first full summary leaves a directory that a retry (a sweep's
+        # requeued trial, --overwrite) still recognises as its own instead of refusing it.
+        from bpfree import __version__
+
+        write_json(self.path / "summary.json", {"status": "running", "bpfree_version": __version__})
         (self.path / "config.toml").write_text(config_toml)
         self._files = []
         self._metrics = self._open_csv("metrics.csv", METRICS_COLUMNS)
