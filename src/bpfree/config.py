@@ -37,6 +37,7 @@ import re
 import tomllib
 import types
 import typing
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -461,9 +462,25 @@ def resolve(config: Config) -> Config:
     come back complete (every default filled in) and invalid ones fail here,
     before anything runs.
 
+    A config this function returned is returned as it is (no second check): callers that
+    resolve early to surface errors (``bpfree train``, ``compare``, sweeps) and
+    ``bpfree.train.run`` then resolve each run once.
+
     Raises:
         ConfigError: an invalid name, option or value.
     """
+    if _RESOLVED.get(id(config)) is config:
+        return config
+    resolved = _resolve(config)
+    _RESOLVED[id(resolved)] = resolved
+    return resolved
+
+
+# The configs resolve() returned, by id (weakly: a config that is gone leaves the table).
+_RESOLVED: "weakref.WeakValueDictionary[int, Config]" = weakref.WeakValueDictionary()
+
+
+def _resolve(config: Config) -> Config:
     from bpfree import data, estimators, models
 
     c = config

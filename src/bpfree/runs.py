@@ -42,23 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-METRICS_COLUMNS = (
-    "step",
-    "epoch",
-    "loss",
-    "lr",
-    "grad_norm",
-    "forward_passes",
-    "forward_passes_total",
-    "step_ms",
-    "wall_time_s",
-)
-EVAL_COLUMNS = ("step", "epoch", "split", "loss", "accuracy", "wall_time_s")
+from bpfree import schema
+from bpfree.schema import EVAL_COLUMNS, METRICS_COLUMNS, STATUSES, Summary  # noqa: F401  (re-exported)
+
 RUN_FILES = ("config.toml", "metrics.csv", "eval.csv", "summary.json", "error.txt", "model.pt", "best.pt",
              "checkpoint.pt")
 LOCK_FILE = "run.lock"
 
-STATUSES = ("running", "completed", "diverged", "interrupted", "failed", "killed")
 
 
 class RunExistsError(FileExistsError):
@@ -153,9 +143,7 @@ class RunWriter:
         # Mark the directory as bpfree's before anything else lands in it: a process killed
         # between here and the first full summary leaves a directory that a retry (a sweep's
         # requeued trial, --overwrite) still recognises as its own instead of refusing it.
-        from bpfree import __version__
-
-        write_json(self.path / "summary.json", {"status": "running", "bpfree_version": __version__})
+        self.write_summary({"status": "running"})
         (self.path / "config.toml").write_text(config_toml)
         self._files = []
         self._metrics = self._open_csv("metrics.csv", METRICS_COLUMNS)
@@ -214,9 +202,12 @@ class RunWriter:
         self._eval.writerow({k: _cell(v) for k, v in row.items()})
         self._files[1].flush()
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        """Replace ``summary.json`` atomically."""
-        write_json(self.path / "summary.json", summary)
+    def write_summary(self, summary: dict[str, Any]) -> Summary:
+        """Replace ``summary.json`` atomically with ``summary`` as a checked, versioned record
+        (``bpfree.schema.summary_record``); returns that record."""
+        record = schema.summary_record(summary)
+        write_json(self.path / "summary.json", record)
+        return schema.Summary(json_safe(record))
 
     def write_model(self, model: "torch.nn.Module", name: str = "model.pt") -> None:
         """``model.pt`` (or ``name``): the ``state_dict``, written to a temporary file, fsynced and
@@ -307,6 +298,11 @@ class Run:
     metrics: dict[str, list[float]] = field(default_factory=dict)
     evals: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # read through the schema: an undeclared key fails at the reader (bpfree.schema.Summary)
+        if not isinstance(self.summary, Summary):
+            self.summary = Summary(self.summary)
+
     @property
     def label(self) -> str:
         return str(self.summary.get("label") or self.path.name)
@@ -350,14 +346,18 @@ def read_run(path: str | Path) -> Run:
     path = Path(path)
     if not is_run_dir(path):
         raise FileNotFoundError(f"{path} is not a run directory (no summary.json)")
-    summary = json.loads((path / "summary.json").read_text())
+    try:
+        raw = json.loads((path / "summary.json").read_text())
+    except ValueError as e:
+        raise schema.SchemaError(f"{path / 'summary.json'} is not valid JSON ({e}); it is not a readable run record") from None
+    summary = schema.read_summary(raw, where=str(path / "summary.json"))
     cfg_file = path / "config.toml"
     config = tomllib.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     metrics: dict[str, list[float]] = {c: [] for c in METRICS_COLUMNS}
     for row in _read_csv(path / "metrics.csv"):
         for c in METRICS_COLUMNS:
             metrics[c].append(_number(row.get(c)))
-    summary = as_reported(path, summary, metrics)
+    summary = Summary(as_reported(path, summary, metrics))
     evals = [
         {k: (v if k == "split" else _number(v)) for k, v in row.items()} for row in _read_csv(path / "eval.csv")
     ]

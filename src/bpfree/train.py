@@ -73,7 +73,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bpfree
 from bpfree import checkpoint
 from bpfree import config as config_lib
 from bpfree import data, estimators, limits, models, runs
@@ -289,7 +288,6 @@ def _run(
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_version": torch.__version__,
-        "bpfree_version": bpfree.__version__,
         "python_version": platform.python_version(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -314,7 +312,7 @@ def _run(
     cuda = [device.index or 0] if device.type == "cuda" else []
     with lock, writer, torch.random.fork_rng(devices=cuda), _StopSignals() as signals:
         torch.manual_seed(t.seed)  # dropout and other global-RNG draws; the caller's RNG is restored after
-        loop = _Loop(cfg, model, estimator, optimizer, scheduler, on_device, data_gen, est_gen, writer)
+        loop = _Loop(cfg, model, estimator, optimizer, scheduler, on_device, data_gen, est_gen, writer, steps_per_epoch)
         loop.static, loop.signals, loop.resume_from = static, signals, resume_from
         writer.write_summary({**static, **loop.summary("running")})
         try:
@@ -329,18 +327,17 @@ def _run(
             raise
         with signals.final_write():  # a further signal is recorded, not raised: the records stay whole
             summary = loop.finish()
-    return runs.json_safe(summary)
+    return summary
 
 
 class _Loop:
     """The state of one run: step and time counters, latest evaluations, status."""
 
-    def __init__(self, cfg, model, estimator, optimizer, scheduler, splits, data_gen, est_gen, writer):
+    def __init__(self, cfg, model, estimator, optimizer, scheduler, splits, data_gen, est_gen, writer, steps_per_epoch):
         self.cfg, self.model, self.estimator = cfg, model, estimator
         self.optimizer, self.scheduler = optimizer, scheduler
         self.splits = splits  # {"train", "val", "test"}: TensorSplit on the model's device
-        self.steps_per_epoch = math.ceil(len(data.batches(splits["train"], cfg.data.batch_size, shuffle=False))
-                                         / cfg.train.accumulate)
+        self.steps_per_epoch = steps_per_epoch  # optimizer steps per epoch (batches / train.accumulate)
         self.data_gen, self.est_gen, self.writer = data_gen, est_gen, writer
         self.device = next(model.parameters()).device
         self.step, self.epoch = 0, 0
@@ -467,9 +464,7 @@ class _Loop:
                 path.unlink(missing_ok=True)
         if t.save_model and whole:
             self.writer.write_model(self.model)
-        summary = {**self.static, **self.summary(self.status)}
-        self.writer.write_summary(summary)
-        return summary
+        return self.writer.write_summary({**self.static, **self.summary(self.status)})
 
     # ------------------------------------------------------------------ checkpoint state
 

@@ -10,7 +10,7 @@ al. 2022, "Gradients without Backpropagation", Thm. 1).
 * ``gaussian``    — v ~ N(0, I).
 * ``rademacher``  — v_i = ±1 with probability ½ each. ‖v‖² = N exactly, so
   for K = 1 the estimate's second moment is E‖g‖² = N‖∇f‖² instead of the
-  Gaussian (N + 2)‖∇f‖² (see ``bpfree.theory``).
+  Gaussian (N + 2)‖∇f‖² (see ``bpfree.estimators.theory``).
 * ``noise_table`` — a slice of one shared pre-drawn Gaussian table at a
   random offset: E[v] = 0 but E[v vᵀ] = C ≠ I, a known, measurable bias
   (below).

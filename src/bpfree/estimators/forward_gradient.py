@@ -9,7 +9,7 @@ forward-mode pass gives the directional derivatives d_k = ∇f(θ)·v_k (jvp) an
     g = (1/K) Σ_k d_k v_k,     E[g] = ∇f(θ).
 
 For Gaussian v and K ≪ N, cos(g, ∇f) ≈ √(χ²_K / N), i.e. about √(K/N)
-(``bpfree.theory.forward_gradient_cosine``). The K > 1 case is one batched
+(``bpfree.estimators.theory.forward_gradient_cosine``). The K > 1 case is one batched
 pass: with dense directions (``rank="full"``) the K tangents are stacked and
 ``torch.func.vmap`` runs ``torch.func.jvp`` over them; with low-rank
 directions (the default) on a plain Linear/Conv2d/ReLU/MaxPool2d/Flatten

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bpfree import estimators
+from bpfree import estimators, schema
 from bpfree.estimators.base import Closure
 from bpfree.measure import flops as flops_mod
 from bpfree.measure import memory as memory_mod
@@ -198,7 +198,7 @@ def training_step_cost(
         p.grad = None
     mem = memory_mod.measure_step_memory(step, model=model, optimizer=optimizer, device=device)
     ratio = lambda r: r.peak_bytes / inference.peak_bytes if inference.peak_bytes else None  # noqa: E731
-    return {
+    cost = {
         "flops_per_step": count,
         "flops_forward": forward,
         "flops_forward_equivalents": count / forward if forward else None,
@@ -213,3 +213,5 @@ def training_step_cost(
         "memory_resolution_mb": max(est.resolution_mb, mem.resolution_mb),
         "memory_method": mem.method,
     }
+    schema.check(cost, where="training_step_cost")  # these keys go into summary.json (bpfree.schema.COST_KEYS)
+    return cost

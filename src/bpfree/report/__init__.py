@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from bpfree import provenance
 from bpfree import runs as runs_lib
 from bpfree.report import html as html_report
 from bpfree.report import memory as memory_view
@@ -88,6 +89,7 @@ def meta_lines(run_list: list[Run]) -> list[str]:
         f"Model: {values(lambda s: _model(s))}",
         f"Budget: {values(budget)}",
         f"Machine: {values(_machine)}",
+        f"Code: {values(provenance.line)}",
     ]
     lines.append(
         "Every run used the same data split, model initialisation, batch order and budget "

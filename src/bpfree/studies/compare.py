@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from bpfree import config as config_lib
-from bpfree import data, paths, report, runs, train
+from bpfree import data, paths, provenance, report, runs, train
 from bpfree.config import Config, ConfigError
 
 BUDGET_KEYS = {"steps": "max_steps", "seconds": "max_seconds", "epochs": "epochs"}
@@ -201,6 +201,7 @@ def run(
     record: dict[str, Any] = {
         "task": f"{first.data.name}/{first.model.name}",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance.code_version(),
         "budget": {k: getattr(first.train, k) for k in BUDGET_KEYS.values()},
         "seed": first.train.seed,
         "runs": [

@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from bpfree import config as config_lib
-from bpfree import data, paths, runs, train
+from bpfree import data, paths, provenance, runs, schema, train
 from bpfree.config import Config, ConfigError
 
 BUDGET_KEYS = ("steps", "epochs", "seconds", "flops")
@@ -1096,20 +1096,21 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-SUMMARY_KEYS = ("status", "reason", "steps", "epochs_completed", "train_seconds", "ms_per_step", "flops_per_step",
+# what each trial stores of its summary.json (in the trial's user attributes, so the report
+# can be rebuilt from the storage alone); declared keys of bpfree.schema
+SUMMARY_KEYS = ("schema_version", "bpfree_version", "bpfree_commit", "bpfree_dirty",
+                "status", "reason", "steps", "epochs_completed", "train_seconds", "ms_per_step", "flops_per_step",
                 "peak_memory_mb", "memory_by_category_mb", "peak_over_inference", "estimate_peak_memory_mb",
                 "estimate_memory_by_category_mb", "estimate_over_inference", "inference_peak_mb", "parameters_mb",
                 "memory_resolution_mb", "final_train_loss", "final_train_accuracy", "final_val_loss",
                 "final_val_accuracy", "final_test_loss", "final_test_accuracy", "diverged_at_step", "data_source",
-                "steps_per_epoch")
+                "steps_per_epoch", "model", "estimator", "optimizer", "schedule_decay")
 
 
 def _summary_subset(summary: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: summary.get(k) for k in SUMMARY_KEYS}
-    out["model"] = summary.get("model", {})
-    out["estimator"] = summary.get("estimator", {})
-    out["optimizer"] = summary.get("optimizer", {})
-    out["schedule_decay"] = summary.get("schedule_decay")
+    out = schema.subset(summary, SUMMARY_KEYS)
+    for key in ("model", "estimator", "optimizer"):
+        out[key] = out[key] or {}
     return runs.json_safe(out)
 
 
@@ -1159,7 +1160,7 @@ def collect(study: Study, states: list[_MethodState], out: Path, url: str) -> di
             {"number": t.number, "state": t.state.name, "value": t.value,
              "params": {k: _decode(v) for k, v in t.params.items()},
              "run_dir": t.user_attrs.get(_ATTR + "run_dir"),
-             "status": (t.user_attrs.get(_ATTR + "summary") or {}).get("status"),
+             "status": schema.Summary(t.user_attrs.get(_ATTR + "summary") or {}).get("status"),
              "retry_of": t.user_attrs.get(_ATTR + "retry_of"),
              "failed_because": t.user_attrs.get(_ATTR + "failed_because")}
             for t in trials
@@ -1170,13 +1171,13 @@ def collect(study: Study, states: list[_MethodState], out: Path, url: str) -> di
         if best is not None:
             entry["best"] = {"number": best.number, "value": best.value,
                              "params": {k: _decode(v) for k, v in best.params.items()},
-                             "summary": best.user_attrs.get(_ATTR + "summary")}
+                             "summary": schema.Summary(best.user_attrs.get(_ATTR + "summary") or {})}
         finals = []
         if state.final is not None:
             for t in state.final.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 finals.append({"number": t.number, "seed": t.user_attrs.get(_ATTR + "seed"),
                                "run_dir": t.user_attrs.get(_ATTR + "run_dir"),
-                               "summary": t.user_attrs.get(_ATTR + "summary") or {},
+                               "summary": schema.Summary(t.user_attrs.get(_ATTR + "summary") or {}),
                                "curves": t.user_attrs.get(_ATTR + "curves") or {}})
         finals.sort(key=lambda f: (f["seed"] if f["seed"] is not None else 0))
         entry["finals"] = finals
@@ -1194,7 +1195,8 @@ def collect(study: Study, states: list[_MethodState], out: Path, url: str) -> di
         methods.append(entry)
     return {"study": study.name, "title": study.title, "preset": study.preset, "source": study.source,
             "objective": study.objective, "direction": direction, "seeds": list(study.seeds),
-            "search_seed": study.search_seed, "storage": _safe_url(url), "out": str(out), "methods": methods}
+            "search_seed": study.search_seed, "storage": _safe_url(url), "out": str(out),
+            **provenance.code_version(), "methods": methods}
 
 
 def mean_curve(finals: Sequence[Mapping[str, Any]], kind: str = "val") -> tuple[list[int], list[float]]:
@@ -1249,10 +1251,8 @@ def results_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
 def write_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
     """``report.md`` / ``report.html`` and ``final_curves.png``: the results table and the mean
     validation curves of every method's final runs."""
-    from bpfree.report import html as html_lib
-    from bpfree.report import tables
-
     from bpfree.report import memory as memory_view
+    from bpfree.report import tables
 
     header, body = results_table(results)
     png = final_curves_png(results, title=results["title"])
@@ -1266,7 +1266,6 @@ def write_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
         ("h2", "Results"), ("table", (header, body)), ("ul", REPORT_NOTES), *memory, ("h2", "Curves"),
         ("img", ("Validation loss of the final runs (mean over seeds)", png))])
     (out / "report.html").write_text(html)
-    del html_lib
     return {"markdown": out / "report.md", "html": out / "report.html", "final_curves.png": out / "final_curves.png"}
 
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from bpfree import config as config_lib
-from bpfree import data, estimators, models, runs, train
+from bpfree import data, estimators, models, provenance, runs, train
 from bpfree.config import ConfigError
 from bpfree.estimators import guessed
 from bpfree.measure import quality
@@ -313,6 +313,7 @@ def run_study(preset: str = "cpu", out: str | Path = "runs/wang2025", *, overwri
         "study": NAME, "preset": dataclasses.asdict(p),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        **provenance.code_version(),
     }
     log(f"{NAME} preset {p.name}: {p.description}")
     record["training"] = train_all(p, out, overwrite=overwrite, log=log)
