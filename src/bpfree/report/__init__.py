@@ -13,6 +13,11 @@
 * ``val_vs_steps.png``, ``val_vs_time.png``, ``train_loss.png`` and, for runs
   with measured cost, ``val_vs_flops.png`` and ``accuracy_vs_memory.png``
   (``report.plots``).
+
+Every report of bpfree, this one and those of the sweeps and studies, is a
+``report.document.Document`` of blocks rendered by its one markdown and one HTML
+writer; ``report.plots`` holds the plot helpers they share, ``report.tables``
+the comparison table and ``report.memory`` the memory view.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from typing import Iterable
 
 from bpfree import provenance
 from bpfree import runs as runs_lib
-from bpfree.report import html as html_report
+from bpfree.report import document as doc_lib
 from bpfree.report import memory as memory_view
 from bpfree.report import plots, tables
+from bpfree.report.document import Details, Document, Figure, Heading, Notes, Paragraph, Table, code
 from bpfree.runs import Run
 
-__all__ = ["build", "default_title", "markdown"]
+__all__ = ["build", "comparison", "default_title", "meta_lines"]
 
 
 def build(
@@ -46,23 +52,40 @@ def build(
         out_dir = paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    title = title or default_title(run_list)
-    figures = plots.all_plots(run_list, title=title)
-    written: dict[str, Path] = {}
-    for name, (_, png) in figures.items():
-        (out / name).write_bytes(png)
-        written[name] = out / name
-    meta = meta_lines(run_list)
-    written["markdown"] = out / "report.md"
-    written["markdown"].write_text(markdown(title, run_list, figures, meta, out))
-    written["html"] = out / "report.html"
-    written["html"].write_text(html_report.render(title, run_list, figures, meta))
-    return written
+    return doc_lib.write(comparison(run_list, out, title=title or default_title(run_list)), out)
 
 
-def memory_markdown(run_list: list[Run]) -> list[str]:
-    """The "Memory" and "Comparable memory" sections (``bpfree.report.memory``), as markdown lines."""
-    return memory_view.markdown(memory_view.blocks(run_list))
+def comparison(run_list: list[Run], out: Path, *, title: str) -> Document:
+    """The comparison report of ``run_list`` as a document: meta lines, results table and
+    notes, the memory view, the plots, the settings that differ and those shared, the runs
+    (paths relative to ``out``, where the report is written)."""
+    shared, per_run = tables.settings(run_list)
+    reasons = [f"{r.label}: {r.summary['reason']}" for r in run_list if r.summary.get("reason")]
+    runs_items = []
+    for r in run_list:
+        rel = os.path.relpath(r.path.resolve(), Path(out).resolve())
+        config_text = (r.path / "config.toml").read_text() if (r.path / "config.toml").is_file() else ""
+        runs_items.append(((f"{r.label}: ", code(rel), f" ({r.summary.get('status')})"), config_text))
+    doc = Document(title)
+    doc.add(
+        Notes(meta_lines(run_list)),
+        Heading("Results"),
+        Table(tables.headers(), tables.rows(run_list)),
+        Notes([*tables.NOTES, *reasons]),
+        memory_view.blocks(run_list),
+        Heading("Curves"),
+        [Figure(caption, png, name) for name, (caption, png) in plots.all_plots(run_list, title=title).items()],
+        Heading("Settings"),
+        Paragraph("Differing between runs:"),
+        Table(["estimator", "settings"],
+              [[r.label, tuple(code(f"{k}={v}") for k, v in d.items()) or "—"] for r, d in zip(run_list, per_run)],
+              cls="settings"),
+        Paragraph("Shared by all runs:"),
+        Table(["key", "value"], [[code(k), code(v)] for k, v in shared.items()], cls="settings"),
+        Heading("Runs"),
+        Details(runs_items),
+    )
+    return doc
 
 
 def default_title(run_list: list[Run]) -> str:
@@ -109,31 +132,3 @@ def _model(s: dict) -> str:
     if total is not None and total != n:  # LoRA / head-only: say how much of the model is trained
         return f"{m.get('name', '?')}({opts}), {n:,} trainable of {total:,} parameters"
     return f"{m.get('name', '?')}({opts}), {n:,} parameters"
-
-
-def markdown(title: str, run_list: list[Run], figures: dict[str, tuple[str, bytes]], meta: list[str], out: Path) -> str:
-    """The markdown report text (plots linked by file name, next to it)."""
-    shared, per_run = tables.settings(run_list)
-    lines = [f"# {title}", "", *(f"- {m}" for m in meta), "", "## Results", ""]
-    lines += [tables.markdown(tables.headers(), tables.rows(run_list)), ""]
-    lines += [f"- {n}" for n in tables.NOTES]
-    for r in run_list:
-        if r.summary.get("reason"):
-            lines.append(f"- {r.label}: {r.summary['reason']}")
-    lines += memory_markdown(run_list)
-    lines += ["", "## Curves", ""]
-    lines += [f"![{caption}]({name})\n" for name, (caption, _) in figures.items()]
-    lines += ["## Settings", "", "Differing between runs:", ""]
-    lines.append(
-        tables.markdown(
-            ["estimator", "settings"],
-            [[r.label, ", ".join(f"`{k}={v}`" for k, v in d.items()) or "—"] for r, d in zip(run_list, per_run)],
-        )
-    )
-    lines += ["", "Shared by all runs:", ""]
-    lines.append(tables.markdown(["key", "value"], [[f"`{k}`", f"`{v}`"] for k, v in shared.items()]))
-    lines += ["", "## Runs", ""]
-    for r in run_list:
-        rel = os.path.relpath(r.path.resolve(), out.resolve())
-        lines.append(f"- {r.label}: `{rel}` ({r.summary.get('status')})")
-    return "\n".join(lines) + "\n"

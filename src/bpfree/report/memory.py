@@ -313,34 +313,18 @@ COMPARABLE_NOTE = (
 )
 
 
-def blocks(runs: list[Run]) -> list[tuple[str, Any]]:
-    """The "Memory" and "Comparable memory" sections as ``(kind, content)`` blocks (h2, p, ul,
-    table), rendered to markdown by :func:`markdown` and to HTML by ``bpfree.report.html``;
-    empty when no run measured its memory."""
+def blocks(runs: list[Run]) -> list[Any]:
+    """The "Memory" and "Comparable memory" sections as report blocks
+    (``bpfree.report.document``); empty when no run measured its memory."""
+    from bpfree.report.document import Heading, Notes, Paragraph, Table
+
     if not any(r.summary.get("peak_memory_mb") is not None for r in runs):
         return []
-    out: list[tuple[str, Any]] = [
-        ("h2", "Memory"), ("table", table(runs)), ("ul", notes(runs)),
-        ("p", "What dominates each peak:"), ("ul", [sentence(r) for r in runs]),
-        ("h2", "Comparable memory"), ("p", COMPARABLE_NOTE),
+    out: list[Any] = [
+        Heading("Memory"), Table(*table(runs)), Notes(notes(runs)),
+        Paragraph("What dominates each peak:"), Notes([sentence(r) for r in runs]),
+        Heading("Comparable memory"), Paragraph(COMPARABLE_NOTE),
     ]
     for basis in ("estimate", "step"):
-        out += [("p", f"By {basis} peak:"), ("table", comparable(runs, basis))]
+        out += [Paragraph(f"By {basis} peak:"), Table(*comparable(runs, basis))]
     return out
-
-
-def markdown(blocks_: list[tuple[str, Any]]) -> list[str]:
-    """Markdown lines of :func:`blocks`."""
-    from bpfree.report import tables
-
-    lines: list[str] = []
-    for kind, content in blocks_:
-        if kind == "h2":
-            lines += ["", f"## {content}", ""]
-        elif kind == "p":
-            lines += [content, ""]
-        elif kind == "ul":
-            lines += [f"- {x}" for x in content] + [""]
-        elif kind == "table":
-            lines += [tables.markdown(*content), ""]
-    return lines

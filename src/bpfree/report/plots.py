@@ -1,8 +1,16 @@
-"""PNG plots of runs: validation loss/accuracy vs steps and vs wall time, training loss.
+"""PNG plots of runs, and the helpers every report's figures share.
 
 Drawn with matplotlib's Agg canvas on a bare ``Figure`` (no ``pyplot``), so
 making a report never changes the user's global matplotlib backend and needs
-no display. Each function returns PNG bytes.
+no display. Each plot function returns PNG bytes (a ``report.document.Figure``'s
+content). The shared pieces, for a study's own figures::
+
+    fig = plots.figure((8, 4.5))                  # a bare Figure on an Agg canvas
+    ax = fig.subplots()
+    for (name, steps, losses), style in zip(curves, plots.line_styles(len(curves))):
+        ax.plot(steps, losses, label=name, **style)
+    plots.loss_scale(ax, all_losses)              # log y when losses span > 20x
+    png = plots.png_bytes(fig)                    # at DPI
 """
 
 from __future__ import annotations
@@ -23,19 +31,29 @@ X_AXES = {
 }
 
 
-def _legend_label(run: Run) -> str:
+def figure(figsize: tuple[float, float], **kwargs) -> Figure:
+    """A bare matplotlib ``Figure`` (constrained layout unless ``layout`` is given) on an Agg
+    canvas: no pyplot state, no display."""
+    fig = Figure(figsize=figsize, **{"layout": "constrained", **kwargs})
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def legend_label(run: Run) -> str:
+    """The run's label, with its status when it did not complete."""
     status = run.summary.get("status")
     return run.label if status == "completed" else f"{run.label} ({status})"
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes at :data:`DPI`."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
 
 
-def _styles(n: int) -> list[dict]:
+def line_styles(n: int) -> list[dict]:
     """Colour and line style per run; styles vary so identical curves stay visible."""
     from matplotlib import colormaps
 
@@ -44,7 +62,7 @@ def _styles(n: int) -> list[dict]:
     return [{"color": cmap(i % cmap.N), "linestyle": dashes[i % len(dashes)]} for i in range(n)]
 
 
-def _loss_scale(ax, values: list[float]) -> None:
+def loss_scale(ax, values: list[float]) -> None:
     """Log y axis when the finite positive losses span more than 20x, else linear."""
     finite = [v for v in values if math.isfinite(v) and v > 0]
     if finite and max(finite) / min(finite) > 20:
@@ -57,7 +75,7 @@ def validation_curves(runs: list[Run], x: str, *, title: str) -> bytes:
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     all_losses = []
-    for run, style in zip(runs, _styles(len(runs))):
+    for run, style in zip(runs, line_styles(len(runs))):
         curve_loss = run.eval_curve("val", "loss")
         curve_acc = run.eval_curve("val", "accuracy")
         xs = curve_loss[column]
@@ -69,16 +87,16 @@ def validation_curves(runs: list[Run], x: str, *, title: str) -> bytes:
         loss = [v if math.isfinite(v) else math.nan for v in curve_loss[2]]
         acc = [100 * v for v in curve_acc[2]]
         all_losses += loss
-        ax_loss.plot(xs, loss, marker=".", label=_legend_label(run), **style)
-        ax_acc.plot(xs, acc, marker=".", label=_legend_label(run), **style)
+        ax_loss.plot(xs, loss, marker=".", label=legend_label(run), **style)
+        ax_acc.plot(xs, acc, marker=".", label=legend_label(run), **style)
     ax_loss.set(xlabel=xlabel, ylabel="validation loss (cross-entropy, nats)", title="Validation loss")
-    _loss_scale(ax_loss, all_losses)
+    loss_scale(ax_loss, all_losses)
     ax_acc.set(xlabel=xlabel, ylabel="validation accuracy (%)", title="Validation accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
     ax_acc.legend(fontsize="small", loc="best")
     fig.suptitle(title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def training_loss(runs: list[Run], *, title: str, smoothing: float = 0.9) -> bytes:
@@ -86,7 +104,7 @@ def training_loss(runs: list[Run], *, title: str, smoothing: float = 0.9) -> byt
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.subplots()
     all_losses = []
-    for run, style in zip(runs, _styles(len(runs))):
+    for run, style in zip(runs, line_styles(len(runs))):
         steps, losses = run.metrics.get("step", []), run.metrics.get("loss", [])
         smooth, avg = [], None
         for v in losses:
@@ -94,17 +112,17 @@ def training_loss(runs: list[Run], *, title: str, smoothing: float = 0.9) -> byt
                 avg = v if avg is None else smoothing * avg + (1 - smoothing) * v
             smooth.append(avg if avg is not None else math.nan)
         all_losses += smooth
-        ax.plot(steps, smooth, label=_legend_label(run), **style)
+        ax.plot(steps, smooth, label=legend_label(run), **style)
     ax.set(
         xlabel="optimizer steps",
         ylabel="training batch loss (cross-entropy, nats)",
         title=f"Training loss (EMA, smoothing {smoothing})",
     )
-    _loss_scale(ax, all_losses)
+    loss_scale(ax, all_losses)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     fig.suptitle(title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plain_mb_axis(axis, values: list[float], resolution: float) -> str:
@@ -147,7 +165,7 @@ def accuracy_vs_memory(runs: list[Run], *, title: str) -> bytes:
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     resolution = memory_view.resolution(runs)
-    styles = _styles(len(runs))
+    styles = line_styles(len(runs))
     for ax, (key, what) in zip(axes, (("estimate_peak_memory_mb", "one estimate alone"),
                                       ("peak_memory_mb", "one training step (estimate + optimizer)"))):
         points = []
@@ -157,7 +175,7 @@ def accuracy_vs_memory(runs: list[Run], *, title: str) -> bytes:
                 continue
             points.append((mem, 100 * acc, run))
             ax.scatter([mem], [100 * acc], color=style["color"], marker="o^sDvP*X"[len(points) % 8], s=55,
-                       label=_legend_label(run), zorder=3, alpha=0.85)
+                       label=legend_label(run), zorder=3, alpha=0.85)
         if len(points) <= 4:  # more labels than that overlap; the legend names the markers
             for mem, acc, run in points:
                 ax.annotate(run.label, (mem, acc), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
@@ -175,7 +193,7 @@ def accuracy_vs_memory(runs: list[Run], *, title: str) -> bytes:
     if handles:  # a diverged run has no accuracy to place
         fig.legend(handles, names, loc="outside right upper", fontsize="x-small")
     fig.suptitle(f"{title}: accuracy at comparable memory (up and left is better)")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def memory_by_category(runs: list[Run], *, title: str) -> bytes:
@@ -209,7 +227,7 @@ def memory_by_category(runs: list[Run], *, title: str) -> bytes:
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncols=min(len(cats), 4), fontsize="small")
     fig.suptitle(title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def all_plots(runs: list[Run], *, title: str) -> dict[str, tuple[str, bytes]]:

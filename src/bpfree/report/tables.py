@@ -1,4 +1,4 @@
-"""The comparison table and the settings tables, as rows, markdown and HTML.
+"""The comparison table and the settings tables, as rows (rendered by ``bpfree.report.document``).
 
 Every number comes from a run's ``summary.json`` and ``config.toml``
 (``bpfree.runs``); nothing is recomputed.
@@ -6,7 +6,6 @@ Every number comes from a run's ``summary.json`` and ``config.toml``
 
 from __future__ import annotations
 
-import html
 import json
 from typing import Any, Callable
 
@@ -94,21 +93,3 @@ def settings(runs: list[Run]) -> tuple[dict[str, str], list[dict[str, str]]]:
     shared = {k: flats[0][k] for k in keys if all(k in f and f[k] == flats[0][k] for f in flats)}
     per_run = [{k: v for k, v in f.items() if k not in shared} for f in flats]
     return shared, per_run
-
-
-def markdown(header: list[str], body: list[list[str]]) -> str:
-    """A GitHub-flavoured markdown table (``|`` in cells escaped)."""
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in body)])
-
-
-def html_table(header: list[str], body: list[list[str]], *, cls: str = "") -> str:
-    """An HTML table with escaped cells, in a scroll box of its own: a table wider than the
-    page scrolls inside the box, never the whole page."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-    return (f'<div class="table-box"><table class="{cls}"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{trs}</tbody></table></div>")

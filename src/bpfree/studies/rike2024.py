@@ -286,16 +286,14 @@ def ratio_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
 def loss_figure(results: Mapping[str, Any], model: str, data: str) -> bytes | None:
     """The paper's Figure 2 (MNIST) / Figure 1 (CIFAR-10): training and validation loss of
     the tuned BP and FG runs vs iterations, one panel per optimizer (mean over seeds)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from bpfree.report import plots
 
     t = by_tags(results)
     optimizers = [o for o in ("SGD", "Nesterov", "Adam")
                   if any(t.get((g, model, data, o), {}).get("finals") for g in ("BP", "FG"))]
     if not optimizers:
         return None
-    fig = Figure(figsize=(4.6 * len(optimizers), 4.3), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = plots.figure((4.6 * len(optimizers), 4.3))
     axes = fig.subplots(1, len(optimizers), squeeze=False)[0]
     colors = {"BP": "tab:blue", "FG": "tab:red"}
     train_colors = {"BP": "lightsteelblue", "FG": "darkorange"}
@@ -316,9 +314,7 @@ def loss_figure(results: Mapping[str, Any], model: str, data: str) -> bytes | No
         ax.legend(fontsize="x-small")
     n = len(results.get("seeds", []))
     fig.suptitle(f"{data} {model}: tuned BP vs FG, mean over {n} seeds")
-    from bpfree.report import plots
-
-    return plots._png(fig)
+    return plots.png_bytes(fig)
 
 
 def _notes(results: Mapping[str, Any]) -> list[str]:
@@ -382,10 +378,26 @@ def json_budget(m: Mapping[str, Any]) -> str:
 
 def build_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the figures into ``out``; return their paths."""
-    from bpfree.report import tables
+    from bpfree.report import document
 
-    out = Path(out)
-    written: dict[str, Path] = {}
+    return document.write(report_document(results), Path(out))
+
+
+RATIO_DEFINITION = (
+    "Iterations to target: target = the lowest point of FG's mean loss curve (mean over seeds); steps "
+    "FG = where FG first reaches it; steps BP = the first point at which BP's mean loss is at or below "
+    "it; ratio = steps FG / steps BP (how many times fewer iterations BP needs). 'val': validation "
+    "loss, evaluated every eval_every_steps; 'train': training batch loss averaged over windows of "
+    "budget/200 steps (finer). '>=' marks a lower bound: BP was already below the target at its "
+    "first point.")
+
+
+def report_document(results: Mapping[str, Any]) -> Any:
+    """The study's report (``bpfree.report.document``): Table I beside ours, the claims with
+    their verdicts, iterations to target, the paper's figures, every method and the commands."""
+    from bpfree import provenance
+    from bpfree.report.document import Claim, Claims, Code, Document, Figure, Heading, Notes, Paragraph, Table
+
     figures = []
     for model, data, name, caption in (
         ("NN", "MNIST", "figure2_mnist_nn.png", "Figure 2 (MNIST, NN): loss of the tuned runs vs iterations"),
@@ -394,14 +406,7 @@ def build_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
     ):
         png = loss_figure(results, model, data)
         if png is not None:
-            (out / name).write_bytes(png)
-            written[name] = out / name
-            figures.append((name, caption, png))
-    t1_header, t1_body = table_one(results)
-    r_header, r_body = ratio_table(results)
-    c_rows = [list(c) for c in claims(results)]
-    g_header, g_body = sweep.results_table(results)
-    notes = _notes(results)
+            figures.append(Figure(caption, png, name))
     preset = results.get("preset") or "quick"
     commands = [
         f"OMP_NUM_THREADS=1 bpfree sweep rike2024 --preset {preset} --out {results['out']}"
@@ -409,39 +414,20 @@ def build_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
         f"python -c \"from bpfree.studies import rike2024; rike2024.run_study('{preset}', '{results['out']}')\"",
         "(re-running either resumes a killed sweep; add --storage postgresql://... to share one study between workers)",
     ]
-    ratio_def = ("Iterations to target: target = the lowest point of FG's mean loss curve (mean over seeds); steps "
-                 "FG = where FG first reaches it; steps BP = the first point at which BP's mean loss is at or below "
-                 "it; ratio = steps FG / steps BP (how many times fewer iterations BP needs). 'val': validation "
-                 "loss, evaluated every eval_every_steps; 'train': training batch loss averaged over windows of "
-                 "budget/200 steps (finer). '>=' marks a lower bound: BP was already below the target at its "
-                 "first point.")
-    md = [f"# {results['title']}", "", f"Preset `{preset}`; objective {results['objective']} on the validation "
-          f"split at the end of the budget; final seeds {results['seeds']} (search seed {results['search_seed']}).",
-          "", *(f"- {n}" for n in notes), "", "## Table I beside ours", "", tables.markdown(t1_header, t1_body), "",
-          "## Claims", "", tables.markdown(["claim (seed 002)", "here", "evidence"], c_rows), "",
-          "## Iterations to target (BP vs FG)", "", ratio_def, "", tables.markdown(r_header, r_body), "",
-          "## Figures", ""]
-    md += [f"![{c}]({n})\n" for n, c, _ in figures] or ["(no final runs yet)", ""]
-    from bpfree.report import memory as memory_view
-
-    memory = memory_view.blocks(sweep.memory_runs(results))
-    md += ["## Every method", "", tables.markdown(g_header, g_body), "",
-           *(f"- {n}" for n in sweep.REPORT_NOTES), *memory_view.markdown(memory),
-           "## Commands", "", "```", *commands, "```", ""]
-    written["markdown"] = out / "report.md"
-    written["markdown"].write_text("\n".join(md) + "\n")
-    blocks: list[tuple[str, Any]] = [("p", f"Preset {preset}; objective {results['objective']} on the validation "
-                                          f"split; final seeds {results['seeds']}."), ("ul", notes),
-                                     ("h2", "Table I beside ours"), ("table", (t1_header, t1_body)),
-                                     ("h2", "Claims"), ("table", (["claim (seed 002)", "here", "evidence"], c_rows)),
-                                     ("h2", "Iterations to target (BP vs FG)"), ("p", ratio_def),
-                                     ("table", (r_header, r_body)), ("h2", "Figures")]
-    blocks += [("img", (c, png)) for _, c, png in figures]
-    blocks += [("h2", "Every method"), ("table", (g_header, g_body)), ("ul", sweep.REPORT_NOTES), *memory,
-               ("h2", "Commands"), ("pre", "\n".join(commands))]
-    written["html"] = out / "report.html"
-    written["html"].write_text(sweep.html_page(results["title"], blocks))
-    return written
+    doc = Document(results["title"])
+    doc.add(
+        Paragraph(f"Preset `{preset}`; objective {results['objective']} on the validation split at the end of the "
+                  f"budget; final seeds {results['seeds']} (search seed {results['search_seed']}).", meta=True),
+        Paragraph(f"Code: {provenance.line(results)}", meta=True),
+        Notes(_notes(results)),
+        Heading("Table I beside ours"), Table(*table_one(results)),
+        Heading("Claims"), Claims(["claim (seed 002)", "here", "evidence"], [Claim(*c) for c in claims(results)]),
+        Heading("Iterations to target (BP vs FG)"), Paragraph(RATIO_DEFINITION), Table(*ratio_table(results)),
+        Heading("Figures"), figures or Paragraph("(no final runs yet)"),
+        Heading("Every method"), sweep.method_blocks(results),
+        Heading("Commands"), Code("\n".join(commands)),
+    )
+    return doc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1249,24 +1249,32 @@ def results_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
 
 
 def write_report(results: Mapping[str, Any], out: Path) -> dict[str, Path]:
-    """``report.md`` / ``report.html`` and ``final_curves.png``: the results table and the mean
-    validation curves of every method's final runs."""
-    from bpfree.report import memory as memory_view
-    from bpfree.report import tables
+    """``report.md`` / ``report.html`` and ``final_curves.png`` (:func:`report_document`)."""
+    from bpfree.report import document
 
-    header, body = results_table(results)
-    png = final_curves_png(results, title=results["title"])
-    (out / "final_curves.png").write_bytes(png)
-    memory = memory_view.blocks(memory_runs(results))
-    lines = [f"# {results['title']}", "", *_report_meta(results), "", "## Results", "",
-             tables.markdown(header, body), "", *(f"- {n}" for n in REPORT_NOTES), *memory_view.markdown(memory),
-             "## Curves", "", "![Validation loss of the final runs (mean over seeds)](final_curves.png)", ""]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    html = html_page(results["title"], [("p", x) for x in _report_meta(results)] + [
-        ("h2", "Results"), ("table", (header, body)), ("ul", REPORT_NOTES), *memory, ("h2", "Curves"),
-        ("img", ("Validation loss of the final runs (mean over seeds)", png))])
-    (out / "report.html").write_text(html)
-    return {"markdown": out / "report.md", "html": out / "report.html", "final_curves.png": out / "final_curves.png"}
+    return document.write(report_document(results), Path(out))
+
+
+def report_document(results: Mapping[str, Any]) -> Any:
+    """The generic sweep report: the results table of every method with its notes, the memory
+    view of the final runs and the mean validation curves (``bpfree.report.document``)."""
+    from bpfree.report.document import Document, Figure, Heading, Paragraph
+
+    doc = Document(results["title"])
+    doc.add([Paragraph(line, meta=True) for line in _report_meta(results)],
+            Heading("Results"), method_blocks(results), Heading("Curves"),
+            Figure("Validation loss of the final runs (mean over seeds)",
+                   final_curves_png(results, title=results["title"]), "final_curves.png"))
+    return doc
+
+
+def method_blocks(results: Mapping[str, Any]) -> list[Any]:
+    """Every method's row (:func:`results_table`), its notes and the memory view of the final
+    runs (``bpfree.report.memory``): the part of a sweep report a study's own report reuses."""
+    from bpfree.report import memory as memory_view
+    from bpfree.report.document import Notes, Table
+
+    return [Table(*results_table(results)), Notes(REPORT_NOTES), *memory_view.blocks(memory_runs(results))]
 
 
 def memory_runs(results: Mapping[str, Any]) -> list[Any]:
@@ -1299,62 +1307,28 @@ def _report_meta(results: Mapping[str, Any]) -> list[str]:
         f"Objective: {results['objective']} on the validation split at the end of each method's budget "
         f"({results['direction']}); search seed {results['search_seed']}, final seeds {results['seeds']}.",
         f"Storage: {results['storage']}",
+        f"Code: {provenance.line(results)}",
     ]
-
-
-def html_page(title: str, blocks: Sequence[tuple[str, Any]]) -> str:
-    """A self-contained page from ``(kind, content)`` blocks: h2, p, ul, table, img (PNG bytes), pre."""
-    import base64
-    import html
-
-    from bpfree.report import tables
-    from bpfree.report.html import CSS
-
-    e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{e(title)}</title><style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
-    for kind, content in blocks:
-        if kind == "h2":
-            parts.append(f"<h2>{e(content)}</h2>")
-        elif kind == "p":
-            parts.append(f'<p class="meta">{e(content)}</p>')
-        elif kind == "ul":
-            parts.append('<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in content) + "</ul>")
-        elif kind == "table":
-            parts.append(tables.html_table(*content))
-        elif kind == "img":
-            caption, png = content
-            data_uri = base64.b64encode(png).decode("ascii")
-            parts.append(f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data_uri}">'
-                         f"<figcaption>{e(caption)}</figcaption></figure>")
-        elif kind == "pre":
-            parts.append(f"<pre>{e(content)}</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
 
 
 def final_curves_png(results: Mapping[str, Any], *, title: str) -> bytes:
     """Mean validation loss over seeds vs steps, one line per method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from bpfree.report import plots
 
     done = [m for m in results["methods"] if m.get("finals")]
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = plots.figure((8, 4.5))
     ax = fig.subplots()
     allv: list[float] = []
-    for m, style in zip(done, plots._styles(len(done))):
+    for m, style in zip(done, plots.line_styles(len(done))):
         steps, vals = mean_curve(m["finals"], "val")
         allv += vals
         ax.plot(steps, vals, label=m["name"], **style)
-    plots._loss_scale(ax, allv)
+    plots.loss_scale(ax, allv)
     ax.set(xlabel="optimizer steps", ylabel="validation loss (mean over seeds)", title=title)
     ax.grid(True, alpha=0.3)
     if done:
         ax.legend(fontsize="small")
-    return plots._png(fig)
+    return plots.png_bytes(fig)
 
 
 def report_only(study: Study, out: str | Path, *, storage: str | None = None) -> dict[str, Any]:
@@ -1391,6 +1365,6 @@ def report_only(study: Study, out: str | Path, *, storage: str | None = None) ->
 
 __all__ = [
     "Method", "Study", "apply_preset", "best_trial", "collect", "curves", "deep_merge", "from_dict", "grid_points",
-    "load_study", "mean_curve", "method_config", "open_storage", "recover", "report_only", "run", "steps_to_reach",
-    "write_report",
+    "load_study", "mean_curve", "method_blocks", "method_config", "open_storage", "recover", "report_document",
+    "report_only", "run", "steps_to_reach", "write_report",
 ]

@@ -27,9 +27,7 @@ with the plots as PNG files beside them; the paper's numbers sit beside ours.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 import importlib.resources
 import json
 import math
@@ -366,12 +364,6 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def _table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
-
-
 def width_table(record: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Train accuracy by width, ours / the paper's, one column per method."""
     rows = [r for r in record["training"] if r["part"] == "width"]
@@ -452,7 +444,8 @@ def verdicts(record: dict[str, Any]) -> list[str]:
     return out
 
 
-def _plots(record: dict[str, Any], out: Path) -> dict[str, str]:
+def _plots(record: dict[str, Any], out: Path) -> dict[str, bytes]:
+    """``{name: PNG bytes}`` of the study's figures (the training-loss figure reads the runs under ``out``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -481,7 +474,7 @@ def _plots(record: dict[str, Any], out: Path) -> dict[str, str]:
     axes[1].legend(fontsize=8)
     fig.suptitle("Train accuracy by width, MNIST-1D, 3 hidden ReLU layers")
     fig.tight_layout()
-    files["accuracy_vs_width"] = _save(fig, out, "accuracy_vs_width.png")
+    files["accuracy_vs_width"] = _png(fig)
 
     for where in ("init", "trained"):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -505,7 +498,7 @@ def _plots(record: dict[str, Any], out: Path) -> dict[str, str]:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        files[f"cosine_vs_width_{where}"] = _save(fig, out, f"cosine_vs_width_{where}.png")
+        files[f"cosine_vs_width_{where}"] = _png(fig)
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for width, q in record["quality"].items():
@@ -522,7 +515,7 @@ def _plots(record: dict[str, Any], out: Path) -> dict[str, str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        files[f"energy_{where}"] = _save(fig, out, f"energy_{where}.png")
+        files[f"energy_{where}"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     width = record["preset"]["k_sweep_width"]
@@ -543,21 +536,38 @@ def _plots(record: dict[str, Any], out: Path) -> dict[str, str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    files["training_loss"] = _save(fig, out, "training_loss.png")
+    files["training_loss"] = _png(fig)
     return files
 
 
-def _save(fig, out: Path, name: str) -> str:
+def _png(fig) -> bytes:
+    """The pyplot figure as PNG bytes (110 dpi), closed."""
+    import io
+
     import matplotlib.pyplot as plt
 
-    fig.savefig(out / name, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return name
+    return buf.getvalue()
 
 
 def write_report(record: dict[str, Any], out: Path) -> dict[str, str]:
+    """Write ``report.md``, ``report.html`` and the figures into ``out``; return their file names."""
+    from bpfree.report import document
+
+    written = document.write(report_document(record, out), out)
+    return {"markdown": "report.md", "html": "report.html",
+            **{Path(f).stem: f for f in written if f.endswith(".png")}}
+
+
+def report_document(record: dict[str, Any], out: Path) -> Any:
+    """The study's report (``bpfree.report.document``): what reproduces, then one section per
+    table of the paper with our numbers beside theirs and the figures, then the memory view."""
+    from bpfree.report.document import Document, Figure, Heading, Notes, Paragraph, Table
+
     p = record["preset"]
-    files = _plots(record, out)
+    figures = _plots(record, out)
     sections: list[tuple[str, str, tuple[list[str], list[list[str]]] | None, list[str]]] = []
     sections.append(("Train accuracy by width (their Table 3)",
                      f"Final accuracy on the 4000 training examples after {p['epochs']} epochs (paper: 300). "
@@ -576,38 +586,21 @@ def write_report(record: dict[str, Any], out: Path) -> dict[str, str]:
                          "Share of each example's exact ∂ℓ/∂s_i inside the top-k right singular subspace of its "
                          "upstream Jacobian W̃ = W_{i+1}M_i (what a W-perp guess can reach), averaged over "
                          f"{p['energy_examples']} examples.", energy_table(record, where), [f"energy_{where}"]))
-    notes = verdicts(record)
-    memory = memory_view.blocks(memory_runs(record, out))
-    md = [f"# {TITLE}", "", f"Preset **{p['name']}**: {p['description']}", "",
-          f"Run {record['started_at']} → {record.get('finished_at')}, {_fmt(record.get('seconds', 0) / 60, '.1f')} min, "
-          f"torch {record['torch_version']} with {record['torch_threads']} thread(s). Runs under `runs/`; all numbers "
-          "in `study.json`.", "", "## What reproduces", ""] + [f"- {v}" for v in notes] + [""]
+    doc = Document(TITLE)
+    doc.add(
+        Paragraph(f"Preset **{p['name']}**: {p['description']}", meta=True),
+        Paragraph(f"Run {record['started_at']} → {record.get('finished_at')}, "
+                  f"{_fmt(record.get('seconds', 0) / 60, '.1f')} min, torch {record['torch_version']} with "
+                  f"{record['torch_threads']} thread(s). Runs under `runs/`; all numbers in `study.json`.", meta=True),
+        Paragraph(f"Code: {provenance.line(record)}", meta=True),
+        Heading("What reproduces"), Notes(verdicts(record)),
+    )
     for title, text, table, figs in sections:
-        md += [f"## {title}", ""] + ([text, ""] if text else [])
-        if table and table[1]:
-            md += [_table(*table), ""]
-        md += [f"![{f}]({files[f]})" for f in figs if f in files] + [""]
-    md += memory_view.markdown(memory)
-    (out / "report.md").write_text("\n".join(md))
-
-    from bpfree.report import html as html_report
-    from bpfree.report import tables
-
-    body = [f"<h1>{html.escape(TITLE)}</h1>", f"<p class='meta'>{html.escape(md[2])}</p>",
-            "<h2>What reproduces</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in notes) + "</ul>"]
-    for title, text, table, figs in sections:
-        body.append(f"<h2>{html.escape(title)}</h2>")
-        if text:
-            body.append(f"<p>{html.escape(text)}</p>")
-        if table and table[1]:
-            body.append(tables.html_table(*table))
-        body += [f"<img src='data:image/png;base64,{base64.b64encode((out / files[f]).read_bytes()).decode('ascii')}' "
-                 f"alt='{html.escape(f)}'>" for f in figs if f in files]  # embedded: the page stands alone
-    body += [html_report.block(kind, content) for kind, content in memory]
-    page = f"<!doctype html><meta charset='utf-8'><title>{html.escape(TITLE)}</title><style>{html_report.CSS}</style>" \
-           + "\n".join(body)
-    (out / "report.html").write_text(page)
-    return {"markdown": "report.md", "html": "report.html", **{k: v for k, v in files.items()}}
+        doc.add(Heading(title), [Paragraph(text)] if text else [],
+                [Table(*table)] if table and table[1] else [],
+                [Figure(f, figures[f], f"{f}.png") for f in figs if f in figures])
+    doc.add(memory_view.blocks(memory_runs(record, out)))
+    return doc
 
 
 __all__ = ["NAME", "PAPER_TRAIN_ACC", "Preset", "get_preset", "planned_runs", "presets", "rebuild_report", "run_study",
