@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 import math
 import re
@@ -489,17 +488,17 @@ def _resolve(config: Config) -> Config:
     _check_name("estimator.name", c.estimator.name, estimators.available())
     _check_name("optimizer.name", c.optimizer.name, list(OPTIMIZERS))
 
-    data_options = _with_defaults(c.data, data.sets.LOADERS[c.data.name], skip=data.SPLIT_ARGS)
-    model_options = _with_defaults(
-        c.model, models.architectures.BUILDERS[c.model.name], skip=("input_shape", "num_classes")
-    )
+    data_options = _with_defaults(c.data, data.option_names(c.data.name), data.option_defaults(c.data.name),
+                                  data.option_types(c.data.name))
+    model_options = _with_defaults(c.model, models.option_names(c.model.name), models.option_defaults(c.model.name),
+                                   models.option_types(c.model.name))
     # text data is tokenised by the model's own tokenizer; attention="auto" picks the kernel the estimator needs
     data_options, model_options = models.link_options(
         c.data.name, data_options, c.model.name, model_options, c.estimator.name
     )
     est_options = dict(c.estimator.options)
     _check_options(c.estimator, estimators.option_names(c.estimator.name))
-    _check_types(c.estimator, estimators.registry._lookup(c.estimator.name), "estimator")
+    _check_types(c.estimator, estimators.option_types(c.estimator.name), "estimator")
     if "seed" in estimators.option_names(c.estimator.name) and "seed" not in est_options:
         est_options["seed"] = c.train.seed
     try:
@@ -564,23 +563,18 @@ def _check_options(section: Any, valid: list[str]) -> None:
             )
 
 
-def _with_defaults(section: Any, factory: Any, *, skip: tuple[str, ...]) -> dict[str, Any]:
-    """``section.options`` checked against ``factory``'s signature (names, and types where
-    annotated), with its defaults filled in."""
-    params = {k: p for k, p in inspect.signature(factory).parameters.items() if k not in skip}
-    _check_options(section, list(params))
-    _check_types(section, factory, {DataConfig: "data", ModelConfig: "model"}.get(type(section), "option"))
-    out = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+def _with_defaults(section: Any, names: list[str], defaults: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any]:
+    """``section.options`` checked against the named data set's / model's options (names, and
+    types where annotated), with their defaults filled in."""
+    _check_options(section, names)
+    _check_types(section, hints, {DataConfig: "data", ModelConfig: "model"}.get(type(section), "option"))
+    out = dict(defaults)
     out.update(section.options)
     return {k: _plain(v) for k, v in out.items() if v is not None}
 
 
-def _check_types(section: Any, factory: Any, kind: str) -> None:
-    """Raise :class:`ConfigError` for an option whose value does not fit ``factory``'s annotation."""
-    try:
-        hints = typing.get_type_hints(factory)
-    except Exception:  # annotations that do not evaluate: names are checked, types are not
-        return
+def _check_types(section: Any, hints: dict[str, Any], kind: str) -> None:
+    """Raise :class:`ConfigError` for an option whose value does not fit its annotation in ``hints``."""
     for key, value in section.options.items():
         if key in hints and _fits(hints[key], value) is False:
             raise ConfigError(f"{kind}.{key} of {section.name!r} must be {_hint_name(hints[key])}, got {value!r}")

@@ -31,18 +31,13 @@ installed by ``scripts/fetch_offline_data.sh``.
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
 
-from bpfree._names import check_options, lookup
 from bpfree.data.files import DatasetNotFoundError, data_home
-from bpfree.data.sets import LOADERS, SPLIT_LOADERS
+from bpfree.data.sets import REGISTRY, SPLIT_ARGS, SPLIT_LOADERS
 from bpfree.data.splits import Batches, Normalization, Splits, TensorSplit, batches, make_splits
-
-# Arguments of a loader that are not the data set's own options.
-SPLIT_ARGS = ("root", "download", "val_fraction", "seed")
 
 __all__ = [
     "Batches",
@@ -54,22 +49,30 @@ __all__ = [
     "batches",
     "data_home",
     "load",
+    "option_defaults",
     "option_names",
+    "option_types",
 ]
 
 
 def available() -> list[str]:
     """Names :func:`load` accepts, sorted."""
-    return sorted(LOADERS)
+    return REGISTRY.available()
 
 
 def option_names(name: str) -> list[str]:
     """The data-set-specific options ``load(name, ...)`` accepts (e.g. mnist1d's ``num_samples``)."""
-    return [p for p in inspect.signature(_lookup(name)).parameters if p not in SPLIT_ARGS]
+    return REGISTRY.option_names(name)
 
 
-def _lookup(name: str):
-    return lookup("data set", name, LOADERS)
+def option_defaults(name: str) -> dict[str, Any]:
+    """``{option: default}`` of data set ``name``'s options."""
+    return REGISTRY.option_defaults(name)
+
+
+def option_types(name: str) -> dict[str, Any]:
+    """``{option: annotation}`` of data set ``name``'s annotated options (for config checks)."""
+    return REGISTRY.option_types(name)
 
 
 def load(
@@ -94,8 +97,8 @@ def load(
         DatasetNotFoundError: the files are missing; the message says how to get them.
         ValueError: unknown name or option.
     """
-    loader = _lookup(name)
-    check_options("data set", name, options, option_names(name))
+    loader = REGISTRY.get(name)
+    REGISTRY.check_options(name, options)
     if name in SPLIT_LOADERS:  # text / VQA sets make their own fixed test split (bpfree.data.text)
         return loader(Path(root).expanduser() if root is not None else None, download,
                       val_fraction=val_fraction, seed=seed, **options)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bpfree.data.files import DatasetNotFoundError, data_home, download, find_file, md5, read_idx
+from bpfree._names import Registry
 
 
 class Raw(NamedTuple):
@@ -427,17 +428,21 @@ def synthetic(
     return Raw(x_tr, y_tr, x_te, y_te, num_classes, source)
 
 
-LOADERS = {
-    "cifar10": cifar10,
-    "fashion_mnist": fashion_mnist,
-    "mnist": mnist,
-    "mnist1d": mnist1d,
-    "synthetic": synthetic,
-}
+# Arguments of a loader that are not the data set's own options (bpfree.data.load passes them).
+SPLIT_ARGS = ("root", "download", "val_fraction", "seed")
 
-# Text and VQA sets (tokenised; they make their own splits): bpfree.data.text, bpfree.data.vqa.
+# Every data set by name (bpfree._names.Registry): the image loaders here return raw arrays
+# that bpfree.data.load splits; the text and VQA sets (tokenised; bpfree.data.text,
+# bpfree.data.vqa) make their own splits, listed in SPLIT_LOADERS.
+REGISTRY: Registry = Registry("data set", skip=SPLIT_ARGS)
+for _name, _loader in {"cifar10": cifar10, "fashion_mnist": fashion_mnist, "mnist": mnist, "mnist1d": mnist1d,
+                       "synthetic": synthetic}.items():
+    REGISTRY.register(_name, _loader)
+
 from bpfree.data.text import TEXT_LOADERS  # noqa: E402
 from bpfree.data.vqa import VQA_LOADERS  # noqa: E402
 
 SPLIT_LOADERS = {**TEXT_LOADERS, **VQA_LOADERS}
-LOADERS.update(SPLIT_LOADERS)
+for _name, _loader in SPLIT_LOADERS.items():
+    REGISTRY.register(_name, _loader)
+LOADERS = REGISTRY.table  # {name: loader}, kept for readers of the plain table

@@ -19,7 +19,7 @@ from bpfree.estimators import backprop, forward_gradient, guessed, zeroth_order 
 from bpfree.estimators._functional import UnsupportedModelError
 from bpfree.estimators.accumulate import accumulate
 from bpfree.estimators.base import Estimate, Estimator, trainable_parameters
-from bpfree.estimators.registry import available, make, option_names, register
+from bpfree.estimators.registry import available, make, option_names, option_types, register
 
 __all__ = [
     "Estimate",
@@ -29,6 +29,7 @@ __all__ = [
     "available",
     "make",
     "option_names",
+    "option_types",
     "register",
     "trainable_parameters",
 ]

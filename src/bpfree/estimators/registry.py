@@ -5,25 +5,32 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, TypeVar
 
-from bpfree._names import check_options, lookup
+from bpfree._names import Registry
 from bpfree.estimators import variance
 from bpfree.estimators.base import Estimator
 
-_REGISTRY: dict[str, type[Estimator]] = {}
-
 E = TypeVar("E", bound=type[Estimator])
+
+
+def _option_names(name: str, cls: type[Estimator]) -> list[str]:
+    own = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "schemes"]
+    return own + (variance.option_names() if _takes_schemes(cls) else [])
+
+
+# Every estimator by name (bpfree._names.Registry); its options are the dataclass's fields and,
+# for the weight-perturbation estimators, every variance-reduction scheme's.
+REGISTRY: Registry = Registry("estimator", options=_option_names)
+_REGISTRY = REGISTRY.table  # {name: class}
 
 
 def register(name: str) -> Callable[[E], E]:
     """Class decorator: register a frozen-dataclass :class:`Estimator` as ``name``."""
 
     def deco(cls: E) -> E:
-        if name in _REGISTRY:
-            raise ValueError(f"estimator {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"{cls.__qualname__} must be a dataclass whose fields are its options")
+        REGISTRY.register(name, cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return deco
@@ -31,15 +38,18 @@ def register(name: str) -> Callable[[E], E]:
 
 def available() -> list[str]:
     """Names of the registered estimators, sorted."""
-    return sorted(_REGISTRY)
+    return REGISTRY.available()
 
 
 def option_names(name: str) -> list[str]:
     """The options ``make(name, ...)`` accepts: the estimator's own and, for the weight-perturbation
     estimators, every variance-reduction scheme's (``svrg_every``, ``sparse_fraction``, ``sign``, ...)."""
-    cls = _lookup(name)
-    own = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "schemes"]
-    return own + (variance.option_names() if _takes_schemes(cls) else [])
+    return REGISTRY.option_names(name)
+
+
+def option_types(name: str) -> dict[str, Any]:
+    """``{option: annotation}`` of the estimator's own annotated options (for config checks)."""
+    return REGISTRY.option_types(name)
 
 
 def _takes_schemes(cls: type[Estimator]) -> bool:
@@ -53,8 +63,8 @@ def make(name: str, **options: Any) -> Estimator:
         ValueError: unknown name or option (the message lists the valid ones),
             or an option value the estimator rejects.
     """
-    cls = _lookup(name)
-    check_options("estimator", name, options, option_names(name))
+    cls = REGISTRY.get(name)
+    REGISTRY.check_options(name, options)
     if _takes_schemes(cls) and "schemes" not in options:
         schemes, options = variance.build(name, options)
         return cls(**options, schemes=schemes)
@@ -62,4 +72,4 @@ def make(name: str, **options: Any) -> Estimator:
 
 
 def _lookup(name: str) -> type[Estimator]:
-    return lookup("estimator", name, _REGISTRY)
+    return REGISTRY.get(name)

@@ -28,7 +28,9 @@ from bpfree.measure import timing as timing_mod
 
 @dataclass(frozen=True)
 class EstimatorSpec:
-    """A labelled estimator configuration."""
+    """A labelled estimator configuration: the one estimator-spec type (``bpfree compare``'s
+    parsed ``NAME[:KEY=VALUE]...`` specs are ``bpfree.studies.compare.Spec``, a subclass that
+    adds the spec's learning rate and config overrides)."""
 
     label: str
     name: str

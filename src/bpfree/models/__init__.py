@@ -33,21 +33,21 @@ See :mod:`bpfree.models.hf` and :mod:`bpfree.models.vqa`.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from bpfree._names import check_options, lookup
-from bpfree.models.architectures import BUILDERS
+from bpfree.models.architectures import REGISTRY
 from bpfree.models.hf import attention_for, build_hf
 from bpfree.models.vqa import build_vqa_fusion
 
-__all__ = ["HF_MODELS", "available", "count_parameters", "link_options", "make", "option_names"]
+__all__ = ["HF_MODELS", "available", "count_parameters", "link_options", "make", "option_defaults", "option_names",
+           "option_types"]
 
 HF_MODELS = {"hf": build_hf, "minilm": build_hf, "vqa_fusion": build_vqa_fusion}
-BUILDERS.update(HF_MODELS)
+for _name, _builder in HF_MODELS.items():
+    REGISTRY.register(_name, _builder)
 
 
 def link_options(
@@ -71,16 +71,22 @@ def link_options(
 
 def available() -> list[str]:
     """Names :func:`make` accepts, sorted."""
-    return sorted(BUILDERS)
-
-
-def _lookup(name: str):
-    return lookup("model", name, BUILDERS)
+    return REGISTRY.available()
 
 
 def option_names(name: str) -> list[str]:
     """The architecture options ``make(name, ...)`` accepts (e.g. ``hidden`` for ``mlp``)."""
-    return [p for p in inspect.signature(_lookup(name)).parameters if p not in ("input_shape", "num_classes")]
+    return REGISTRY.option_names(name)
+
+
+def option_defaults(name: str) -> dict[str, Any]:
+    """``{option: default}`` of model ``name``'s options."""
+    return REGISTRY.option_defaults(name)
+
+
+def option_types(name: str) -> dict[str, Any]:
+    """``{option: annotation}`` of model ``name``'s annotated options (for config checks)."""
+    return REGISTRY.option_types(name)
 
 
 def make(
@@ -97,8 +103,8 @@ def make(
         ValueError: unknown name or option (the message lists the valid ones),
             or an input shape the architecture cannot take.
     """
-    builder = _lookup(name)
-    check_options("model", name, options, option_names(name))
+    builder = REGISTRY.get(name)
+    REGISTRY.check_options(name, options)
     input_shape = tuple(int(d) for d in input_shape)
     if seed is None:
         return builder(input_shape, int(num_classes), **options)

@@ -19,6 +19,8 @@ from typing import Sequence
 
 from torch import nn
 
+from bpfree._names import Registry
+
 
 def _numel(input_shape: tuple[int, ...]) -> int:
     return math.prod(input_shape)
@@ -115,10 +117,9 @@ def mlp_mnist1d(input_shape: tuple[int, ...], num_classes: int, width: int = 128
     return nn.Sequential(*layers, nn.Linear(d, num_classes))
 
 
-BUILDERS = {
-    "cnn_mnist": cnn_mnist,
-    "logreg": logreg,
-    "mlp": mlp,
-    "mlp_mnist1d": mlp_mnist1d,
-    "vgg_cifar": vgg_cifar,
-}
+# Every architecture by name (bpfree._names.Registry); bpfree.models adds the HF models.
+REGISTRY: Registry = Registry("model", skip=("input_shape", "num_classes"))
+for _name, _builder in {"cnn_mnist": cnn_mnist, "logreg": logreg, "mlp": mlp, "mlp_mnist1d": mlp_mnist1d,
+                        "vgg_cifar": vgg_cifar}.items():
+    REGISTRY.register(_name, _builder)
+BUILDERS = REGISTRY.table  # {name: builder}, kept for readers of the plain table

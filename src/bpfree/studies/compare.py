@@ -42,23 +42,24 @@ from typing import Any, Callable, Mapping, Sequence
 from bpfree import config as config_lib
 from bpfree import data, paths, provenance, report, runs, train
 from bpfree.config import Config, ConfigError
+from bpfree.measure.profile import EstimatorSpec
 
 BUDGET_KEYS = {"steps": "max_steps", "seconds": "max_seconds", "epochs": "epochs"}
 
 
 @dataclass(frozen=True)
-class Spec:
-    """One parsed estimator spec (see the module docstring)."""
+class Spec(EstimatorSpec):
+    """One parsed estimator spec (see the module docstring): the measure layer's labelled
+    estimator (``label`` = the spec's text, ``name``, ``options``; ``make()``) plus what a
+    spec sets beyond the estimator: its ``lr`` and dotted config ``overrides``."""
 
-    text: str
-    name: str
     options: dict[str, Any] = field(default_factory=dict)
     lr: float | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def label(self) -> str:
-        return self.text
+    def text(self) -> str:
+        return self.label
 
     @property
     def dirname(self) -> str:
@@ -128,20 +129,11 @@ def parse_spec(text: str) -> Spec:
 
 def parse_budget(text: str) -> dict[str, Any]:
     """``"steps=200"`` / ``"seconds=60"`` / ``"epochs=1"`` (comma-combinable: whichever ends
-    first) → ``{"train.max_steps": 200, "train.epochs": None, ...}`` replacing the budget."""
-    budget: dict[str, Any] = {f"train.{k}": None for k in BUDGET_KEYS.values()}
-    for part in split_top_level(text, ","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if key not in BUDGET_KEYS or not sep:
-            raise ConfigError(f"--budget expects steps=N, seconds=S or epochs=E (comma-combinable), got {part!r}")
-        parsed = config_lib.parse_value(value.strip())
-        if isinstance(parsed, bool) or not isinstance(parsed, (int, float)) or parsed <= 0:
-            raise ConfigError(f"--budget {key} must be a positive number, got {value!r}")
-        if key != "seconds" and not float(parsed).is_integer():
-            raise ConfigError(f"--budget {key} must be a whole number, got {value!r}")
-        budget[f"train.{BUDGET_KEYS[key]}"] = float(parsed) if key == "seconds" else int(parsed)
-    return budget
+    first) → ``{"train.max_steps": 200, "train.epochs": None, ...}`` replacing the budget
+    (``bpfree.studies.budget``)."""
+    from bpfree.studies import budget
+
+    return budget.train_overrides(budget.parse_text(text, "--budget", units=("steps", "seconds", "epochs")))
 
 
 def plan(base: Config, specs: Sequence[Spec], lrs: Mapping[str, float] | None = None) -> list[tuple[Spec, Config]]:

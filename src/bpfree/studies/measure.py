@@ -11,6 +11,7 @@ and the cosine of its estimate to the exact gradient. Written to ``out``:
 
 from __future__ import annotations
 
+import dataclasses
 import csv
 import json
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from bpfree import config as config_lib
 from bpfree import data, models
 from bpfree.config import Config, ConfigError
-from bpfree.measure.profile import EstimatorSpec, add_ratios, markdown_table, profile_estimators
+from bpfree.measure.profile import add_ratios, markdown_table, profile_estimators
 from bpfree.studies.compare import Spec
 
 COLUMNS = [
@@ -84,7 +85,7 @@ def run_measure(
     def options(s: Spec) -> dict[str, Any]:
         return {**s.options, **{k.removeprefix("estimator."): v for k, v in s.overrides.items()}}
 
-    rows = profile_estimators([EstimatorSpec(s.label, s.name, options(s)) for s in specs], model, closure,
+    rows = profile_estimators([dataclasses.replace(s, options=options(s)) for s in specs], model, closure,
                               repeats=repeats, cosine_draws=cosine_draws, device=str(cfg.train.device),
                               seed=cfg.train.seed)
     add_ratios(rows, rows[0]["label"])

@@ -81,8 +81,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from bpfree import config as config_lib
 from bpfree import data, paths, provenance, runs, schema, train
 from bpfree.config import Config, ConfigError
+from bpfree.studies import budget as budget_lib
 
-BUDGET_KEYS = ("steps", "epochs", "seconds", "flops")
+BUDGET_KEYS = budget_lib.UNITS
 SAMPLERS = ("grid", "tpe", "random")
 OBJECTIVES = {"val_loss": ("final_val_loss", "minimize"), "val_accuracy": ("final_val_accuracy", "maximize")}
 STUDY_KEYS = ("name", "title", "objective", "budget", "seeds", "search_seed", "sampler", "n_trials",
@@ -247,6 +248,10 @@ def from_dict(
         if sampler != "grid" and not (isinstance(n_trials, int) and n_trials > 0):
             raise ConfigError(f"{where}: sampler {sampler!r} needs n_trials (a positive integer)")
         budget = parse_budget(m.get("budget", s.get("budget")), where)
+        for key in ("set", "space", "tags"):
+            if not isinstance(m.get(key, {}), Mapping):
+                raise ConfigError(f"{where}: {key} must be a table, e.g. {key} = {{ \"optimizer.lr\" = 0.1 }}, "
+                                  f"got {m[key]!r}")
         method = Method(name, dict(m.get("set", {})), dict(m.get("space", {})), dict(m.get("tags", {})),
                         sampler, n_trials, budget)
         for key in [*method.set, *method.space]:
@@ -280,15 +285,8 @@ def _near(key: str, valid: Sequence[str]) -> str:
 
 
 def parse_budget(budget: Any, where: str) -> dict[str, float]:
-    """``{steps|epochs|seconds|flops: number}``: exactly one, positive."""
-    if not isinstance(budget, Mapping) or len(budget) != 1:
-        raise ConfigError(f"{where}: give one budget, e.g. budget = {{ steps = 1000 }} ({' | '.join(BUDGET_KEYS)})")
-    (key, value), = budget.items()
-    if key not in BUDGET_KEYS:
-        raise ConfigError(f"{where}: unknown budget {key!r}; use one of {', '.join(BUDGET_KEYS)}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{where}: budget {key} must be a positive number, got {value!r}")
-    return {key: value}
+    """``{steps|epochs|seconds|flops: number}``: exactly one, positive (``bpfree.studies.budget``)."""
+    return budget_lib.parse_table(budget, where)
 
 
 # --------------------------------------------------------------------------- search spaces
@@ -373,18 +371,7 @@ def method_config(
 
 def budget_overrides(method: Method, cfg: Config, flops_per_step: Callable[[Config], float] | None = None) -> dict:
     """The ``train.*`` budget keys of the method's budget (FLOPs → steps via one counted step)."""
-    (key, value), = method.budget.items()
-    out = {"train.max_steps": None, "train.epochs": None, "train.max_seconds": None}
-    if key == "steps":
-        out["train.max_steps"] = int(value)
-    elif key == "epochs":
-        out["train.epochs"] = int(value)
-    elif key == "seconds":
-        out["train.max_seconds"] = float(value)
-    else:
-        per_step = (flops_per_step or count_step_flops)(cfg)
-        out["train.max_steps"] = max(1, int(value // per_step)) if math.isfinite(per_step) else 1
-    return out
+    return budget_lib.train_overrides(method.budget, lambda: (flops_per_step or count_step_flops)(cfg))
 
 
 def count_step_flops(cfg: Config) -> float:
