@@ -80,3 +80,10 @@ def test_plots_png_bytes_is_a_png_at_the_declared_dpi():
     png = tiny_png()
     img = Image.open(io.BytesIO(png))
     assert img.size == (2 * plots.DPI, int(1.5 * plots.DPI))
+
+
+def test_paragraphs_and_notes_keep_their_inline_code_and_bold_in_html():
+    doc = Document("t").add(Paragraph("Preset **cpu**: `a<b`"), Notes(["run `x`"]))
+    page = document.html_page(doc)
+    assert "<p>Preset <strong>cpu</strong>: <code>a&lt;b</code></p>" in page and "<li>run <code>x</code></li>" in page
+    assert document.markdown(doc) == "# t\n\nPreset **cpu**: `a<b`\n\n- run `x`\n"

@@ -6,7 +6,7 @@ seed-001 and seed-002 studies) builds a :class:`Document` and hands it to :func:
 no report assembles markdown or HTML itself. The blocks::
 
     Heading("Results")                          ## Results               <h2>
-    Paragraph("Storage: ...", meta=True)        plain text               <p class="meta">
+    Paragraph("Storage: ...", meta=True)        the text                 <p class="meta"> (`code`, **bold** marked)
     Notes(["lr: ...", "ms/step: ..."])          - bullet list            <ul class="notes">
     Table(header, rows, cls="settings")         GitHub table             <table> in a scroll box
     Figure("caption", png, "curves.png")        ![caption](curves.png)   <figure>, PNG embedded
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -40,7 +41,7 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: right; }
 th { white-space: normal; vertical-align: bottom; max-width: 9em; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 td:first-child { max-width: 15em; overflow-wrap: anywhere; }
-table.settings td, table.claims td { text-align: left; }
+table.settings td, table.claims td, table.claims th { text-align: left; }
 table.settings td { font-family: ui-monospace, monospace; }
 table.claims td:first-child { max-width: 30em; }
 td.verdict-holds { background: #e8f5e9; } td.verdict-fails { background: #fdecea; } td.verdict-open { background: #fff8e1; }
@@ -246,14 +247,25 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[Cell]], *, cls: st
             f"<tbody>{''.join(trs)}</tbody></table></div>")
 
 
+_CODE_SPAN = re.compile(r"`([^`]+)`")
+_STRONG = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def _html_text(text: str) -> str:
+    """Escaped text with the two inline marks a paragraph or note may use in markdown:
+    `` `code` `` → ``<code>``, ``**bold**`` → ``<strong>``."""
+    out = _CODE_SPAN.sub(r"<code>\1</code>", html.escape(text))
+    return _STRONG.sub(r"<strong>\1</strong>", out)
+
+
 def _html_block(b: Block) -> str:
     e = html.escape
     if isinstance(b, Heading):
         return f"<h{b.level}>{e(b.text)}</h{b.level}>"
     if isinstance(b, Paragraph):
-        return f'<p class="meta">{e(b.text)}</p>' if b.meta else f"<p>{e(b.text)}</p>"
+        return f'<p class="meta">{_html_text(b.text)}</p>' if b.meta else f"<p>{_html_text(b.text)}</p>"
     if isinstance(b, Notes):
-        return '<ul class="notes">' + "".join(f"<li>{e(x)}</li>" for x in b.items) + "</ul>" if b.items else ""
+        return '<ul class="notes">' + "".join(f"<li>{_html_text(x)}</li>" for x in b.items) + "</ul>" if b.items else ""
     if isinstance(b, Table):
         return html_table(b.header, b.rows, cls=b.cls)
     if isinstance(b, Figure):
