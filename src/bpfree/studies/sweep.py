@@ -1064,7 +1064,8 @@ def _ask(state: _MethodState) -> Any:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # we run our own heartbeat thread (_Heartbeat) around ask/tell trials
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        trial = state.search.ask()
+        with claim_lock(state.search._storage):  # ask() also claims a WAITING trial when there is one
+            trial = state.search.ask()
     trial.set_user_attr(_ATTR + "role", "search")
     return trial
 
