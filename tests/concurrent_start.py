@@ -23,9 +23,20 @@ ready, go, mode, *argv = sys.argv[1:]
 from bpfree import cli
 from bpfree.studies import sweep
 import optuna  # noqa: F401  (imported before the barrier, like everything else)
+if mode == "claim":  # connect first, so that the claims themselves collide
+    import json
+    storage = sweep.open_storage(argv[0])
+    study = optuna.load_study(study_name=argv[1], storage=storage)
 open(ready, "w").close()
 while not os.path.exists(go):
     time.sleep(0.001)
+if mode == "claim":
+    claimed = []
+    while (trial := sweep._claim_waiting(study)) is not None:
+        claimed.append(trial.number)
+    print("claimed", json.dumps(claimed))
+    sweep.close_storage(storage)
+    sys.exit(0)
 if mode == "open-storage":
     sweep.close_storage(sweep.open_storage(argv[0]))
     sys.exit(0)
@@ -38,7 +49,8 @@ def env() -> dict[str, str]:
 
 
 def run_together(tmp: Path, commands: list[tuple[str, list[str]]]) -> list[str]:
-    """Run each ``(mode, argv)`` ("open-storage" [URL] or "cli" [bpfree argv]) in its own
+    """Run each ``(mode, argv)`` ("open-storage" [URL], "claim" [URL, study name]: claim
+    WAITING trials until none is left, printing ``claimed [numbers]``, or "cli" [bpfree argv]) in its own
     process, released together; return their outputs, failing (with them) unless all exit 0."""
     tmp.mkdir(parents=True, exist_ok=True)
     launcher = tmp / "launcher.py"

@@ -46,3 +46,22 @@ def test_workers_started_together_cover_the_grid_once(tmp_path, round_):
         assert seeds == list(study.seeds) and len(final.trials) == len(study.seeds)
     finally:
         sweep.close_storage(storage)
+
+
+
+def test_each_waiting_trial_is_claimed_by_one_worker(tmp_path):
+    """SQLite ignores optuna's ``FOR UPDATE``: without :func:`sweep.claim_lock` two workers read
+    the same WAITING trial and both flip it to RUNNING, both train it, and the second ``tell``
+    fails (UpdateFinishedTrialError: the flake of test_cli_workers_share_the_default_sqlite_storage).
+    Without the lock, four processes claiming 24 trials double-claimed in 3 of 3 tries."""
+    url = sweep.default_storage(tmp_path)
+    storage = sweep.open_storage(url)
+    try:
+        study = optuna.create_study(study_name="race", storage=storage)
+        for i in range(24):
+            study.enqueue_trial({"x": i})
+    finally:
+        sweep.close_storage(storage)
+    outputs = run_together(tmp_path / "procs", [("claim", [url, "race"])] * 4)
+    claimed = [n for out in outputs for n in json.loads(out.split("claimed ", 1)[1])]
+    assert sorted(claimed) == list(range(24)), "a trial was claimed twice (or never)"

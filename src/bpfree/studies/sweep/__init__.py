@@ -79,19 +79,20 @@ from bpfree.studies.sweep.report import (REPORT_NOTES, build_report, final_curve
                                          report_document, results_table, write_report)
 from bpfree.studies.sweep.results import collect, curves, mean_curve, pm, steps_to_reach
 from bpfree.studies.sweep.runner import SUMMARY_KEYS, Progress, report_only, run
-from bpfree.studies.sweep.storage import (SWEEP_MARK, STORAGE_FILES, WORKER, best_trial, clear, close_storage,
-                                          creation_lock, default_storage, open_storage, prepare_out, recover,
+from bpfree.studies.sweep.storage import (SWEEP_MARK, STORAGE_FILES, WORKER, best_trial, claim_lock, clear,
+                                          close_storage, creation_lock, default_storage, open_storage, prepare_out, recover,
                                           worker_lock)
 from bpfree.studies.sweep.study import (BUDGET_KEYS, METHOD_KEYS, OBJECTIVES, SAMPLERS, STUDY_KEYS, Method, Study,
                                         _decode, _encode, apply_preset, budget_overrides, count_step_flops,
                                         deep_merge, from_dict, grid_points, load_study, method_config, parse_budget,
                                         shipped_studies, suggest)
+from bpfree.studies.sweep.storage import _claim_waiting  # noqa: F401  (used by the concurrency tests)
 from bpfree.config import ConfigError  # noqa: F401  (sweep.ConfigError, as before the split)
 
 __all__ = [
     "BUDGET_KEYS", "METHOD_KEYS", "OBJECTIVES", "REPORT_NOTES", "SAMPLERS", "STORAGE_FILES", "STUDY_KEYS",
     "SUMMARY_KEYS", "SWEEP_MARK", "WORKER", "Method", "Progress", "Study", "apply_preset", "best_trial", "budget_overrides",
-    "build_report", "clear", "close_storage", "collect", "count_step_flops", "creation_lock", "curves", "deep_merge",
+    "build_report", "claim_lock", "clear", "close_storage", "collect", "count_step_flops", "creation_lock", "curves", "deep_merge",
     "default_storage", "final_curves_png", "from_dict", "grid_points", "load_study", "mean_curve", "memory_runs",
     "method_blocks", "method_config", "open_storage", "parse_budget", "pm", "prepare_out", "recover",
     "report_document", "report_only", "results_table", "run", "shipped_studies", "steps_to_reach", "suggest",

@@ -20,7 +20,7 @@ from bpfree import data, paths, runs, schema, train
 from bpfree.config import ConfigError
 from bpfree.studies.sweep.report import build_report
 from bpfree.studies.sweep.results import _fmt, collect, curves
-from bpfree.studies.sweep.storage import (_ATTR, WORKER, _claim_waiting, _counted, _create_or_load, _Heartbeat,
+from bpfree.studies.sweep.storage import (_ATTR, WORKER, _claim_waiting, claim_lock, _counted, _create_or_load, _Heartbeat,
                                           _requeue, _running, _safe_url, _space_hash, _clear_locked, best_trial,
                                           close_storage, default_storage, open_storage, prepare_out, recover,
                                           worker_lock)
@@ -278,7 +278,8 @@ def _ask(state: _MethodState) -> Any:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # we run our own heartbeat thread (_Heartbeat) around ask/tell trials
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        trial = state.search.ask()
+        with claim_lock(state.search._storage):  # ask() also claims a WAITING trial when there is one
+            trial = state.search.ask()
     trial.set_user_attr(_ATTR + "role", "search")
     return trial
 
@@ -324,9 +325,15 @@ def _run_trial(study: Study, state: _MethodState, trial: Any, role: str, out: Pa
     value = summary.get(key)
     if summary.get("status") == "diverged" or value is None or not math.isfinite(value):
         value = math.inf if direction == "minimize" else 0.0
-    trial.set_user_attr(_ATTR + "summary", _summary_subset(summary))
-    trial.set_user_attr(_ATTR + "curves", curves(run_dir))
-    owner.tell(trial, value)
+    try:
+        trial.set_user_attr(_ATTR + "summary", _summary_subset(summary))
+        trial.set_user_attr(_ATTR + "curves", curves(run_dir))
+        owner.tell(trial, value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # recover() elsewhere took this trial for dead (a heartbeat older than the grace period:
+        # a stalled machine) and enqueued it again; that retry reuses run_dir and finds it finished.
+        return (f"{label}: trained, but another worker had meanwhile marked it failed (its heartbeat was "
+                f"older than the grace period) and enqueued it again; the retry reuses {run_dir}")
     status = summary.get("status")
     return f"{label}: {study.objective} {value:.4g} ({status}, {summary.get('steps')} steps)"
 

@@ -64,6 +64,42 @@ _PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"bpfree sweep storage creation").d
 
 
 @contextlib.contextmanager
+def _sqlite_file_lock(url: str, suffix: str):
+    """An exclusive ``flock`` on ``DB<suffix>`` beside a SQLite file (released by the kernel when
+    its holder dies); yields False, holding nothing, for any other URL."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url) if url else None
+    if parsed is None or parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        yield False
+        return
+    import fcntl
+
+    lock_path = Path(parsed.database).with_name(Path(parsed.database).name + suffix)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # blocks until the current holder is done
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def claim_lock(storage: Any):
+    """Serialise trial-state flips (WAITING → RUNNING claims, RUNNING → FAIL recoveries)
+    between the workers of one SQLite file.
+
+    optuna's ``set_trial_state_values`` reads the trial ``FOR UPDATE`` and then checks that a
+    claimed trial is still WAITING; SQLite ignores ``FOR UPDATE`` and pysqlite runs the read
+    outside the write transaction, so two workers can both read WAITING and both "win" the
+    same trial: both train it, and the second ``tell`` fails with ``UpdateFinishedTrialError``.
+    PostgreSQL's row lock makes the flip atomic there, so no lock is taken for it."""
+    backend = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in _CachedStorage
+    with _sqlite_file_lock(getattr(backend, "url", None) or "", ".claim.lock"):
+        yield
+
+
+@contextlib.contextmanager
 def creation_lock(url: str):
     """Serialise storage creation between processes: an exclusive ``flock`` on ``DB.lock``
     beside a SQLite file, a session advisory lock (``pg_advisory_lock``) on PostgreSQL
@@ -71,18 +107,11 @@ def creation_lock(url: str):
     no lock for other URLs."""
     from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        import fcntl
-
-        lock_path = Path(parsed.database).with_name(Path(parsed.database).name + ".lock")
-        with open(lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # blocks until the current creator is done
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-    elif parsed.get_backend_name() == "postgresql":
+    with _sqlite_file_lock(url, ".lock") as held:
+        if held:
+            yield
+            return
+    if make_url(url).get_backend_name() == "postgresql":
         import sqlalchemy
 
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
@@ -159,8 +188,11 @@ def recover(study: Any) -> list[int]:
         if t._trial_id not in stale and not _dead_here(t):
             continue
         try:  # the attribute first: a finished trial takes no more attributes
-            storage.set_trial_user_attr(t._trial_id, _ATTR + "failed_because", "worker died (killed or lost)")
-            flipped = storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            with claim_lock(storage):  # one flip, so one requeue, per dead trial
+                if storage.get_trial(t._trial_id).state != TrialState.RUNNING:
+                    continue  # another worker failed (or the owner finished) it meanwhile
+                storage.set_trial_user_attr(t._trial_id, _ATTR + "failed_because", "worker died (killed or lost)")
+                flipped = storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             flipped = False
         if flipped:
@@ -188,7 +220,8 @@ def _claim_waiting(study: Any) -> Any | None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         for attempt in range(5):
             try:
-                ok = study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING)
+                with claim_lock(study._storage):
+                    ok = study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING)
                 break
             except optuna.exceptions.UpdateFinishedTrialError:
                 ok = False
