@@ -271,7 +271,7 @@ def _run(
 
     static = {
         "label": label or cfg.run.name,
-        "estimator": {"name": cfg.estimator.name, "options": cfg.estimator.options},
+        "estimator": {"name": cfg.estimator.name, "options": cfg.estimator.options, **estimator.describe(model)},
         "optimizer": dataclasses.asdict(cfg.optimizer),
         "schedule_decay": cfg.schedule.decay,
         "clip_grad_norm": t.clip_grad_norm,

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from bpfree.estimators import _embedding_rows
 from bpfree.estimators.base import Closure, Estimate, Estimator
 from bpfree.estimators.direction_set import DirectionSet
 
@@ -62,7 +63,7 @@ class DirectionalEstimator(Estimator):
 
     def draw_options(self) -> dict[str, Any]:
         return {"distribution": self.distribution, "rank": self.rank,
-                "orthogonal": getattr(self, "orthogonal", False)}
+                "orthogonal": getattr(self, "orthogonal", False), "embedding_rows": self.embedding_rows}
 
     @property
     def k(self) -> int:
@@ -107,6 +108,8 @@ class DirectionalEstimator(Estimator):
         step.loss = float(ev.loss)
         step.details.update(ev.details)
         step.details["directional_derivatives"] = ev.d.detach().float().clone()
+        if dirs.rows or dirs.dense_reasons:
+            step.details["embedding_rows"] = dirs.embedding_summary()
         d = ev.d
         for s in self.schemes:
             dirs, d = s.select(step, dirs, d)
@@ -141,6 +144,17 @@ class DirectionalEstimator(Estimator):
         self.__dict__["_step_counter"] = [int(state.get("step", 0))]
         for s in self.schemes:
             s.load_state_dict(state.get("schemes", {}).get(s.name, {}))
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """Which embedding weights of ``model`` get directions on the looked-up rows only and why
+        each other one is dense (``_embedding_rows``); ``{}`` for a model without embeddings."""
+        params = [n for n, p in model.named_parameters() if p.requires_grad]
+        masked = {i for s in self.schemes if s.name == "sparse" for i in range(len(params))}
+        rows, dense = _embedding_rows.embedding_weights(model, params, enabled=self.embedding_rows, masked=masked,
+                                                        orthogonal=getattr(self, "orthogonal", False))
+        if not rows and not dense:
+            return {}
+        return {"embedding_rows": {"rows": [params[i] for i in sorted(rows)], "dense": dense}}
 
     def options(self) -> dict[str, Any]:
         """The estimator's own options and every active scheme's, flat (``svrg_every``, ...)."""
