@@ -339,3 +339,19 @@ def test_hf_bert_word_position_and_token_type_embeddings_get_rows():
     w = params[word].grad
     assert torch.equal(w[0], torch.zeros_like(w[0])) and torch.equal(w[20:], torch.zeros_like(w[20:]))
     assert torch.equal(params[pos].grad[6:], torch.zeros_like(params[pos].grad[6:]))
+
+
+def test_hf_masked_lm_tied_decoder_falls_back_with_the_reason():
+    """Hugging Face ties a masked-LM decoder to the word embeddings: that table falls back to dense,
+    the position and token-type tables keep their rows."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.BertForMaskedLM(config)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    desc = estimators.make("mezo").describe(model)["embedding_rows"]
+    assert "cls.predictions.decoder.weight" in desc["dense"]["bert.embeddings.word_embeddings.weight"]
+    assert sorted(desc["rows"]) == ["bert.embeddings.position_embeddings.weight",
+                                    "bert.embeddings.token_type_embeddings.weight"]

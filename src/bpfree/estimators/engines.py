@@ -25,6 +25,11 @@ estimator asks the two dispatchers here and never chooses a fast path inline:
     z regenerated piece by piece, a record kept to restore them bit-exactly
     (:func:`shift_exactly`); the caller finishes the step (restore or update).
 
+Embedding weights with directions on the looked-up rows (``DirectionSet.rows``) are applied inside
+their lookup (``_embedding_rows``: a tangent v[ids] or a shift s·v[ids]) by ``per_direction``,
+``per_branch`` and ``in_place``; the engines that run layers by hand and ``vmapped_jvp`` do not take
+them (``DoesNotApply``).
+
 Each engine raises ``DoesNotApply`` (``_models``) when it cannot stand in for the closure; the
 dispatcher then tries the next. Models are recognised by one function
 (``_models.sequential_modules``), which refuses any module with hooks, for every engine.
