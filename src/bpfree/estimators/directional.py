@@ -56,14 +56,19 @@ class Step:
 
 class DirectionalEstimator(Estimator):
     """Base of ``forward_gradient``, ``spsa`` and ``mezo``. Subclasses (frozen dataclasses) have the
-    options ``num_directions`` (or a fixed K), ``distribution``, ``rank``, ``schemes`` and implement
-    :meth:`evaluate`."""
+    options ``num_directions`` (or a fixed K), ``distribution``, ``rank``, ``schemes`` (and
+    optionally ``embedding_rows``, on when absent: ``_embedding_rows``) and implement :meth:`evaluate`."""
 
     single_direction = False  # True: evaluates one direction at a time (MeZO's in-place path)
 
     def draw_options(self) -> dict[str, Any]:
         return {"distribution": self.distribution, "rank": self.rank,
-                "orthogonal": getattr(self, "orthogonal", False), "embedding_rows": self.embedding_rows}
+                "orthogonal": getattr(self, "orthogonal", False), "embedding_rows": self.rows_on}
+
+    @property
+    def rows_on(self) -> bool:
+        """The ``embedding_rows`` option (on for a subclass that does not declare it)."""
+        return getattr(self, "embedding_rows", True)
 
     @property
     def k(self) -> int:
@@ -150,7 +155,7 @@ class DirectionalEstimator(Estimator):
         each other one is dense (``_embedding_rows``); ``{}`` for a model without embeddings."""
         params = [n for n, p in model.named_parameters() if p.requires_grad]
         masked = {i for s in self.schemes if s.name == "sparse" for i in range(len(params))}
-        rows, dense = _embedding_rows.embedding_weights(model, params, enabled=self.embedding_rows, masked=masked,
+        rows, dense = _embedding_rows.embedding_weights(model, params, enabled=self.rows_on, masked=masked,
                                                         orthogonal=getattr(self, "orthogonal", False))
         if not rows and not dense:
             return {}

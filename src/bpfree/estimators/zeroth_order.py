@@ -157,7 +157,7 @@ class MeZO(DirectionalEstimator):
 
     def draw_options(self):
         return {"distribution": self.distribution, "rank": self.rank, "orthogonal": False,
-                "embedding_rows": self.embedding_rows}
+                "embedding_rows": self.rows_on}
 
     def materialise(self, candidates: int) -> bool:
         return False  # z is regenerated piece by piece, never stored
