@@ -1,7 +1,7 @@
 """What embedding directions on the looked-up rows buy: cosine to the exact gradient and step time,
 with and without (``embedding_rows=True``, the default, against ``embedding_rows=False``).
 
-    .venv/bin/python bench/embedding_rows.py [--tasks tiny,minilm] [--samples 200] [--repeats 8] [--out FILE.json]
+    .venv/bin/python bench/embedding_rows.py [--tasks tiny,minilm] [--samples 200] [--only mezo,spsa] [--repeats 8] [--out FILE.json]
 
 Protocol: one fixed batch, one θ. The exact gradient by backprop (the oracle); then ``--samples``
 estimates from one generator, each one's cosine to it (mean ± std, and the root mean square:
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200,
                     help="estimates per configuration for the cosine (d² is heavy-tailed: the rms needs ~100s)")
     ap.add_argument("--repeats", type=int, default=8, help="interleaved timed rounds")
+    ap.add_argument("--only", default=None, help="comma-separated substrings of the estimator labels to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.samples} estimates per "
@@ -135,8 +136,8 @@ def main() -> None:
             return lambda: F.cross_entropy(m(x), y)
 
         n_all = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        configs = [(label, name, {**opts, "embedding_rows": rows})
-                   for label, name, opts in CONFIGS for rows in (True, False)]
+        chosen = [c for c in CONFIGS if not args.only or any(o in c[0] for o in args.only.split(","))]
+        configs = [(label, name, {**opts, "embedding_rows": rows}) for label, name, opts in chosen for rows in (True, False)]
         ms = step_times(model, closure, [(n, o) for _, n, o in configs], args.repeats)
         rows_out = []
         for (label, name, opts), t_ms in zip(configs, ms):
@@ -144,6 +145,8 @@ def main() -> None:
             if "lr" not in opts:
                 row.update(cosines(model, closure(), name, opts, args.samples))
                 row["n"] = perturbed_dimension(model, row["rows_info"])
+            print(f"# {label}, embedding_rows={opts['embedding_rows']}: {t_ms:.1f} ms, "
+                  f"rms cos {row.get('cos_rms', float('nan')):.5f}", file=sys.stderr, flush=True)
             rows_out.append(row)
         print(f"## {t}: {n_all:,} trainable parameters\n")
         print("| estimator | embedding rows | perturbed dims n | cos to ∇ (mean ± std) | rms cos (√(K/n)) "
@@ -153,8 +156,8 @@ def main() -> None:
             for r in (on, off):
                 k = 4 if "K=4" in r["label"] else 1
                 if "cos_mean" in r:
-                    cos = (f"{r['cos_mean']:.4f} ± {r['cos_std']:.4f} | {r['cos_rms']:.4f} "
-                           f"({math.sqrt(k / r['n']):.4f})")
+                    cos = (f"{r['cos_mean']:.3g} ± {r['cos_std']:.3g} | {r['cos_rms']:.3g} "
+                           f"({math.sqrt(k / r['n']):.3g})")
                     gain = f"{on['cos_rms'] / off['cos_rms']:.2f}x" if r is on else ""
                     n = f"{r['n']:,}"
                 else:
