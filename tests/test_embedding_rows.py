@@ -227,6 +227,9 @@ def test_max_norm_and_subclasses_fall_back_with_their_reasons():
     model.add_module("b", MyEmbedding(5, 2))
     dense = estimators.make("forward_gradient").describe(model)["embedding_rows"]["dense"]
     assert "max_norm" in dense["a.weight"] and "subclass" in dense["b.weight"]
+    wrapped = TinyText()
+    wrapped.emb.forward = lambda ids: nn.Embedding.forward(wrapped.emb, ids)
+    assert "instance-level forward" in estimators.make("spsa").describe(wrapped)["embedding_rows"]["dense"]["emb.weight"]
     sparse = estimators.make("mezo", sparse_fraction=0.5).describe(TinyText())["embedding_rows"]["dense"]
     assert "sparse" in sparse["emb.weight"]
     ortho = estimators.make("forward_gradient", rank="full", orthogonal=True, num_directions=2)

@@ -31,8 +31,9 @@ each new row is drawn once, at its first lookup.
 
 * the weight is also a parameter of another module — a tied output layer
   (``lm_head.weight is embed.weight``), where its gradient is dense;
-* the module is not exactly ``nn.Embedding`` (a subclass may use its weight otherwise) or has
-  ``max_norm`` set (the lookup renormalises rows in place, writing the weight);
+* the module is not exactly ``nn.Embedding`` (a subclass may use its weight otherwise), has
+  ``max_norm`` set (the lookup renormalises rows in place, writing the weight) or an
+  instance-level ``forward`` (a wrapper's, e.g. accelerate's hooks, which the patch would replace);
 * a scheme restricts it to a mask (``sparse``), or the directions are orthogonal (drawn jointly
   across all dense parameters);
 * ``embedding_rows=False`` (the estimators' option; ``forward_gradient:embedding_rows=false``).
@@ -94,6 +95,8 @@ def _why_dense(mod: nn.Module, owners: list[str], name: str, *, enabled: bool, m
                 "so its gradient is not zero off the looked-up rows")
     if mod.max_norm is not None:
         return "max_norm is set: the lookup renormalises rows in place, writing the weight"
+    if "forward" in mod.__dict__:
+        return "the module has an instance-level forward (a wrapper's hook), which the lookup patch would replace"
     if masked:
         return "a sparse mask restricts this weight"
     if orthogonal:
