@@ -64,6 +64,8 @@ def embedding_weights(model: nn.Module, names: list[str], *, enabled: bool = Tru
     """``({index in names: module}, {name: reason})``: which trainable embedding weights get
     row-restricted directions, and why each other embedding weight falls back to dense."""
     modules = dict(model.named_modules())
+    if not any(isinstance(m, nn.Embedding) for m in modules.values()):
+        return {}, {}  # the common case, without the parameter scan
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
