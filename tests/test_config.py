@@ -64,6 +64,7 @@ def test_resolve_fills_every_default():
         "orthogonal": False,
         "jvp_clip": 1.0,
         "rank": 1,
+        "embedding_rows": True,
         "seed": 0,  # from train.seed
     }
     assert r.data.options["num_features"] == 10  # the data set's own default
