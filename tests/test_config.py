@@ -64,10 +64,11 @@ def test_resolve_fills_every_default():
         "orthogonal": False,
         "jvp_clip": 1.0,
         "rank": 1,
+        "embedding_rows": True,
         "seed": 0,  # from train.seed
     }
     assert r.data.options["num_features"] == 10  # the data set's own default
-    assert r.model.options == {"hidden": [8]}
+    assert r.model.options == {"hidden": [8], "init": "torch"}
     assert r.train.device in ("cpu", "cuda")
     text = C.to_toml(r)
     assert "# momentum" not in text and "# epochs is unset" in text

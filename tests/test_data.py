@@ -341,3 +341,17 @@ def test_batches_are_deterministic_and_leave_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), rng_state)
     with pytest.raises(ValueError, match="generator"):
         data.batches(split, 4)
+
+
+def test_carve_val_is_the_seeded_permutation_both_loaders_use():
+    """Images (make_splits) and token rows (text_splits) carve validation by the same helper: the
+    first round(f·n) of randperm(n) under a generator seeded ``seed``, each part sorted."""
+    from bpfree.data.splits import carve_val
+
+    train, val = carve_val(10, 0.3, seed=4)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(4))
+    assert val.tolist() == sorted(perm[:3].tolist()) and train.tolist() == sorted(perm[3:].tolist())
+    ds = data.load("synthetic", num_train=50, num_test=10, num_features=3, num_classes=2, val_fraction=0.2, seed=4)
+    assert len(ds.val) == 10 and len(ds.train) == 40
+    with pytest.raises(ValueError, match="leaves no training examples out of 3"):
+        carve_val(3, 0.9, seed=0)

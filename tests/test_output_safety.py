@@ -102,7 +102,7 @@ def test_second_overwrite_is_stopped_while_a_worker_holds_the_storage(tmp_path, 
     assert not (out / "sweep.db").exists()
 
 
-@pytest.mark.parametrize("command", ["train", "compare", "sweep"])
+@pytest.mark.parametrize("command", ["train", "compare", "sweep", "measure", "probe", "report", "study"])
 def test_a_non_empty_non_run_directory_is_refused(tmp_path, capsys, command):
     user = tmp_path / "my-project"
     user.mkdir()
@@ -116,8 +116,15 @@ def test_a_non_empty_non_run_directory_is_refused(tmp_path, capsys, command):
         "compare": ["compare", "--task", "synthetic/logreg", "--estimators", "backprop", "--budget", "steps=2",
                     "--out", str(user)],
         "sweep": ["sweep", str(tiny(tmp_path, steps=2)), "--methods", "bp", "--out", str(user)],
+        "measure": ["measure", "--task", "synthetic/logreg", "--estimators", "backprop", "--repeats", "1",
+                    "--out", str(user)],
+        "probe": ["probe", "--data", "synthetic", "--estimators", "spsa", "--widths", "4", "--depths", "1",
+                  "--ks", "1", "--samples", "2", "--out", str(user)],
+        "report": ["report", str(tmp_path), "--out", str(user)],
+        "study": ["study", "run", "wang2025", "--out", str(user)],
     }[command]
-    for extra in ([], ["--overwrite"]):
+    overwrite = command in ("train", "compare", "sweep", "study")
+    for extra in ([], ["--overwrite"]) if overwrite else ([],):
         assert cli.main(argv + extra) == 2
         err = capsys.readouterr().err
         assert "not a bpfree" in err and len(err.strip().splitlines()) == 1, err

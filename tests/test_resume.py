@@ -68,6 +68,10 @@ CASES = {
     "forward_gradient": ("forward_gradient", "num_directions = 2", "sgd", "lr = 0.01\nmomentum = 0.9"),
     "spsa": ("spsa", "num_directions = 2", "adam", "lr = 1e-3"),
     "mezo_update_mode": ("mezo", "lr = 1e-3", "sgd", ""),
+    # stateful variance reduction: SVRG's snapshot θ̃, μ̃ and refresh step, sparse masks (estimator.state_dict)
+    "forward_gradient_svrg": ("forward_gradient", "num_directions = 2\nsvrg_every = 40\nsvrg_directions = 4",
+                              "adam", "lr = 1e-3"),
+    "mezo_sparse": ("mezo", "sparse_fraction = 0.2\nsparse_every = 40", "adam", "lr = 1e-3"),
 }
 
 

@@ -171,3 +171,22 @@ def test_easyvqa_loader(cache):
     assert x.tokens.shape[:2] == (8, 2) and y.shape == (8,)
     small = data.load("easyvqa", cache_dir=cache, num_train=100)
     assert len(small.train) == 100
+
+
+def test_csv_and_jsonl_share_one_options_dataclass_and_the_config_checks_its_types():
+    import dataclasses
+    import inspect
+
+    from bpfree import config as C
+    from bpfree.data import text
+
+    fields = [f.name for f in dataclasses.fields(text.FileOptions)]
+    for loader in (text.csv_file, text.jsonl_file):
+        params = inspect.signature(loader).parameters
+        assert list(params)[4:] == fields and params["max_length"].default == 128
+    assert data.option_names("jsonl") == fields
+    with pytest.raises(ValueError, match="unknown option.*'max_len'.*max_length"):
+        text.csv_file(None, False, path="x.csv", max_len=3)
+    with pytest.raises(C.ConfigError, match="data.max_length of 'csv' must be"):
+        C.resolve(C.from_dict({"data": {"name": "csv", "path": "x.csv", "max_length": "long"},
+                               "model": {"name": "minilm"}, "estimator": {"name": "mezo"}}))

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bpfree import config as config_lib
-from bpfree import data, estimators, models, report, runs, train
+from bpfree import data, estimators, models, paths, report, runs, train
 from bpfree.config import ConfigError
 
 
@@ -317,6 +317,7 @@ def _measure(args: argparse.Namespace) -> int:
     base = _task_config(args)
     specs = compare.parse_specs(args.estimators or list(base.compare.estimators) or estimators.available())
     out = args.out or Path(base.run.out) / f"measure-{base.data.name}-{base.model.name}"
+    paths.check_output_dir(out, "measure", ["measure.json"])
     run_measure(base, specs, out, batch=args.batch, repeats=args.repeats, cosine_draws=args.cosine_draws)
     print((out / "measure.md").read_text())
     print(f"written: {out / 'measure.md'}, measure.json, measure.csv")
@@ -349,6 +350,7 @@ def _probe(args: argparse.Namespace) -> int:
                       depths=ints(args.depths, "depths"), ks=ints(args.ks, "ks"), samples=args.samples,
                       batch=args.batch, seed=args.seed)
     out = args.out or Path("runs") / f"probe-{args.data}"
+    paths.check_output_dir(out, "probe", ["probe.json"])
     run_probe(cfg, out)
     print((out / "probe.md").read_text())
     print(f"written: {out}/probe.md, probe.csv, probe.json and PNG plots")
@@ -369,6 +371,7 @@ def _study(args: argparse.Namespace) -> int:
     _not_empty(args, "preset")
     preset = args.preset or studies.STUDIES.get(args.name, ("", "", ""))[2]
     out = args.out or Path("runs") / f"{args.name}-{preset}"
+    paths.check_output_dir(out, "study", ["study.json", "sweep.json", "sweep.db"])
     if args.report_only:
         record = studies.rebuild_report(args.name, out, args.preset)
     else:
@@ -377,7 +380,13 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+# what marks a directory as bpfree's for `bpfree report --out`: any run, compare, sweep or study record
+REPORT_MARKERS = ("report.md", "report.html", "summary.json", "compare.json", "sweep.json", "study.json")
+
+
 def _report(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        paths.check_output_dir(args.out, "report", REPORT_MARKERS)
     written = report.build(args.paths, args.out, title=args.title)
     print(f"report: {written['html']}")
     print(f"        {written['markdown']}")

@@ -67,7 +67,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -270,7 +270,7 @@ def _run(
 
     static = {
         "label": label or cfg.run.name,
-        "estimator": {"name": cfg.estimator.name, "options": cfg.estimator.options},
+        "estimator": {"name": cfg.estimator.name, "options": cfg.estimator.options, **estimator.describe(model)},
         "optimizer": dataclasses.asdict(cfg.optimizer),
         "schedule_decay": cfg.schedule.decay,
         "clip_grad_norm": t.clip_grad_norm,
@@ -744,19 +744,14 @@ class _StopSignals:
         else:
             raise KeyboardInterrupt
 
-    def final_write(self):
+    @contextlib.contextmanager
+    def final_write(self) -> Iterator[None]:
         """Context in which signals are recorded and ignored."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def guard():
-            self._final = True
-            try:
-                yield
-            finally:
-                self._final = False
-
-        return guard()
+        self._final = True
+        try:
+            yield
+        finally:
+            self._final = False
 
     def __enter__(self) -> "_StopSignals":
         if threading.current_thread() is threading.main_thread():

@@ -89,6 +89,20 @@ def _as_float(x: np.ndarray) -> torch.Tensor:
     return t.div_(255.0) if x.dtype == np.uint8 else t
 
 
+def carve_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, val)``: positions 0 … n − 1 split into the validation set — the first
+    round(``val_fraction``·n) entries of ``torch.randperm(n)`` under a generator seeded ``seed`` —
+    and the rest, each sorted. The one place every data set carves validation from its training
+    pool (images here, token rows in ``text``); the global RNG is never touched."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(val_fraction * n))
+    if n_val >= n:
+        raise ValueError(f"val_fraction={val_fraction} leaves no training examples out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
 def make_splits(
     name: str,
     x_train: np.ndarray,
@@ -101,17 +115,11 @@ def make_splits(
     val_fraction: float,
     seed: int,
 ) -> Splits:
-    """Carve val from train, standardise with train statistics (see module doc)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    x_all, y_all = _as_float(x_train), torch.from_numpy(np.array(y_train, dtype=np.int64))
+    """Carve val from train (:func:`carve_val`), standardise with train statistics (see module doc)."""
+    y_all = torch.from_numpy(np.array(y_train, dtype=np.int64))
+    train_idx, val_idx = carve_val(len(y_all), val_fraction, seed)
+    x_all = _as_float(x_train)
     x_te, y_te = _as_float(x_test), torch.from_numpy(np.array(y_test, dtype=np.int64))
-    n = len(y_all)
-    n_val = int(round(val_fraction * n))
-    if n_val >= n:
-        raise ValueError(f"val_fraction={val_fraction} leaves no training examples out of {n}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
     x_tr, x_va = x_all[train_idx], x_all[val_idx]
 
     image = x_tr.dim() == 4

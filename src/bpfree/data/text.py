@@ -46,18 +46,22 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from bpfree._names import check_options
 from bpfree.data.files import DatasetNotFoundError, data_home
-from bpfree.data.splits import Normalization, Splits, TensorSplit
+from bpfree.data.splits import Normalization, Splits, TensorSplit, carve_val
 
 __all__ = ["TEXT_LOADERS", "csv_file", "jsonl_file", "read_table", "text_splits", "trim_padding", "tweets"]
 
@@ -221,15 +225,11 @@ def text_splits(
     val_fraction: float,
     seed: int,
 ) -> Splits:
-    """Train/val/test :class:`Splits` of token rows; val carved from the non-test rows by ``seed``."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    pool = torch.nonzero(~is_test).squeeze(1)
-    n_val = int(round(val_fraction * len(pool)))
-    if n_val >= len(pool):
-        raise ValueError(f"val_fraction={val_fraction} leaves no training examples out of {len(pool)}")
-    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = pool[perm[:n_val]].sort().values, pool[perm[n_val:]].sort().values
+    """Train/val/test :class:`Splits` of token rows; val carved from the non-test rows by ``seed``
+    (:func:`~bpfree.data.splits.carve_val`)."""
+    pool = torch.nonzero(~is_test).squeeze(1)  # sorted, so pool[sorted positions] is sorted
+    train_pos, val_pos = carve_val(len(pool), val_fraction, seed)
+    train_idx, val_idx = pool[train_pos], pool[val_pos]
     test_idx = torch.nonzero(is_test).squeeze(1)
 
     def part(idx: torch.Tensor) -> TensorSplit:
@@ -365,70 +365,84 @@ def tweets(
                       max_length=max_length, cache=cache, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed)
 
 
-def _user_file(kind: str, root, path, test_path, encoding, **kw) -> Splits:
-    if path is None:
+@dataclasses.dataclass(frozen=True)
+class FileOptions:
+    """The options of a text file of your own (``data.name = "csv"`` or ``"jsonl"``), one place for
+    both loaders (their signatures, which the config checks names and types against, are built
+    from these fields by :func:`_file_loader`).
+
+    ``path`` (required) and ``test_path`` (else a fixed 10% of ``path`` is the test set), relative
+    to ``data.root`` if given; ``text``: the text column(s), joined as a pair for two; ``label``:
+    the label column and ``labels`` its values in class order (default: sorted); ``target``:
+    ``"label"`` (classification) or ``"lm"`` (next-token targets); ``tokenizer``: ``"model"`` (the
+    model's) or a local path; ``max_length``; ``cache`` / ``cache_dir``: the tokenised-tensor cache.
+    """
+
+    path: str | None = None
+    test_path: str | None = None
+    text: str | list[str] = "text"
+    label: str = "label"
+    labels: list[str] | None = None
+    target: str = "label"
+    encoding: str = "utf-8"
+    tokenizer: str = "model"
+    max_length: int = 128
+    cache: bool = True
+    cache_dir: str | None = None
+
+
+def _user_file(kind: str, root: Path | None, opts: FileOptions, *, val_fraction: float, seed: int) -> Splits:
+    if opts.path is None:
         raise ValueError(f"data.path is required for data.name = {kind!r} (a {kind} file of your own)")
-    p = Path(path).expanduser()
-    if root is not None and not p.is_absolute():
-        p = Path(root).expanduser() / p
-    rows, columns = read_table(p, kind=kind, encoding=encoding)
+
+    def located(path: str) -> Path:
+        p = Path(path).expanduser()
+        return Path(root).expanduser() / p if root is not None and not p.is_absolute() else p
+
+    p = located(opts.path)
+    rows, columns = read_table(p, kind=kind, encoding=opts.encoding)
     test_rows = test_columns = None
     digest = _file_digest(p)
-    if test_path is not None:
-        tp = Path(test_path).expanduser()
-        if root is not None and not tp.is_absolute():
-            tp = Path(root).expanduser() / tp
-        test_rows, test_columns = read_table(tp, kind=kind, encoding=encoding)
+    if opts.test_path is not None:
+        tp = located(opts.test_path)
+        test_rows, test_columns = read_table(tp, kind=kind, encoding=opts.encoding)
         digest += _file_digest(tp)
-    return _from_rows(kind, rows, columns, test_rows, test_columns, where=str(p), digest=digest, **kw)
-
-
-def csv_file(
-    root: Path | None,
-    download: bool,
-    *,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    path: str | None = None,
-    test_path: str | None = None,
-    text: str | list[str] = "text",
-    label: str = "label",
-    labels: list[str] | None = None,
-    target: str = "label",
-    encoding: str = "utf-8",
-    tokenizer: str = "model",
-    max_length: int = 128,
-    cache: bool = True,
-    cache_dir: str | None = None,
-) -> Splits:
-    """A CSV file of your own: a header row, ``text`` column(s), a ``label`` column (or ``target = "lm"``)."""
-    return _user_file("csv", root, path, test_path, encoding, text=text, label=label, labels=labels, target=target,
-                      tokenizer=tokenizer, max_length=max_length, cache=cache, cache_dir=cache_dir,
+    return _from_rows(kind, rows, columns, test_rows, test_columns, where=str(p), digest=digest, text=opts.text,
+                      label=opts.label, labels=opts.labels, target=opts.target, tokenizer=opts.tokenizer,
+                      max_length=opts.max_length, cache=opts.cache, cache_dir=opts.cache_dir,
                       val_fraction=val_fraction, seed=seed)
 
 
-def jsonl_file(
-    root: Path | None,
-    download: bool,
-    *,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    path: str | None = None,
-    test_path: str | None = None,
-    text: str | list[str] = "text",
-    label: str = "label",
-    labels: list[str] | None = None,
-    target: str = "label",
-    encoding: str = "utf-8",
-    tokenizer: str = "model",
-    max_length: int = 128,
-    cache: bool = True,
-    cache_dir: str | None = None,
-) -> Splits:
-    """A JSONL file of your own (one object per line), columns as for ``csv``."""
-    return _user_file("jsonl", root, path, test_path, encoding, text=text, label=label, labels=labels, target=target,
-                      tokenizer=tokenizer, max_length=max_length, cache=cache, cache_dir=cache_dir,
-                      val_fraction=val_fraction, seed=seed)
+def _file_loader(kind: str, doc: str):
+    """The loader of ``data.name = kind``: ``(root, download, *, val_fraction, seed, **FileOptions)``,
+    its signature and annotations built from :class:`FileOptions` (so the config's name and type
+    checks, which read them, see every option)."""
+    hints = typing.get_type_hints(FileOptions)
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("root", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path | None),
+        inspect.Parameter("download", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=bool),
+        inspect.Parameter("val_fraction", kw, default=0.1, annotation=float),
+        inspect.Parameter("seed", kw, default=0, annotation=int),
+        *(inspect.Parameter(f.name, kw, default=f.default, annotation=hints[f.name])
+          for f in dataclasses.fields(FileOptions)),
+    ]
+
+    def load(root: Path | None, download: bool, *, val_fraction: float = 0.1, seed: int = 0, **options: Any) -> Splits:
+        check_options("data set", kind, options, [f.name for f in dataclasses.fields(FileOptions)])
+        return _user_file(kind, root, FileOptions(**options), val_fraction=val_fraction, seed=seed)
+
+    load.__name__ = load.__qualname__ = f"{kind}_file"
+    load.__doc__ = doc
+    load.__signature__ = inspect.Signature(params, return_annotation=Splits)
+    load.__annotations__ = {**{q.name: q.annotation for q in params}, "return": Splits}
+    return load
+
+
+csv_file = _file_loader("csv", "A CSV file of your own: a header row, ``text`` column(s), a ``label`` column "
+                               "(or ``target = \"lm\"``); options: :class:`FileOptions`.")
+jsonl_file = _file_loader("jsonl", "A JSONL file of your own (one object per line), columns as for ``csv``; "
+                                   "options: :class:`FileOptions`.")
 
 
 TEXT_LOADERS = {"tweets": tweets, "csv": csv_file, "jsonl": jsonl_file}

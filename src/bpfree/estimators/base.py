@@ -93,6 +93,12 @@ class Estimator(abc.ABC):
     ) -> Estimate:
         """Compute the estimate; ``params`` are ``trainable_parameters(model)``."""
 
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """What the estimator will do on ``model`` beyond its options (for the run record's
+        ``estimator`` block), e.g. which embedding weights get row-restricted directions and why
+        the others fall back to dense. ``{}`` when there is nothing to say."""
+        return {}
+
     def options(self) -> dict[str, Any]:
         """The estimator's options as a plain dict (for run records)."""
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -154,6 +160,12 @@ def check_positive_int(name: str, value: object) -> None:
     """Raise ``ValueError`` unless ``value`` is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def check_positive(name: str, value: object) -> None:

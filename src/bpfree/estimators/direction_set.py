@@ -11,6 +11,9 @@ to a mask (sparse). Each parameter's direction takes one of these forms:
 * **low-rank factors** — for an ``nn.Linear`` / plain ``nn.Conv2d`` weight read as an m × n
   matrix, V_k = A_k B_kᵀ with A (K, m, r), B (K, n, r) (``_lowrank``: never materialised);
 * **masked** — a dense direction times a 0/1 mask M (E[(M⊙v)(M⊙v)ᵀ] = diag(M));
+* **rows** — an ``nn.Embedding`` weight's direction, zero off the rows the batch looks up (and
+  the padding row), drawn at the lookup (``_embedding_rows``: the gradient is exactly zero there,
+  so the estimate stays unbiased with (V − |T|)·D fewer noise dimensions);
 * **regenerated** — not stored at all: MeZO's in-place path regenerates pieces on demand
   (:meth:`DirectionSet.pieces`), bit-identical to the stored form.
 
@@ -18,7 +21,8 @@ Every value is a pure function of a :class:`DirectionSpec` — (seed, counter, s
 options): the step seed s is the only draw from the caller's generator, and the values of
 parameter i are counter-based streams (``directions.counter_seed``): the flat (K·numel) block of
 a dense direction is filled in pieces of ``CHUNK`` values, piece c from the stream
-(s, i, 0, c); a low-rank weight's A from (s, i, 1, c) and B from (s, i, 2, c). So any piece can
+(s, i, 0, c); a low-rank weight's A from (s, i, 1, c) and B from (s, i, 2, c); the g-th group of
+newly looked-up rows of an embedding from (s, i, 3, g, c). So any piece can
 be regenerated alone, in any order, on any machine, from the description alone
 (:meth:`DirectionSet.describe` / :meth:`DirectionSet.regenerate`) — a data-parallel mode can
 send that and the K scalars d_k instead of gradients. Orthogonal directions (a QR across all
@@ -34,7 +38,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from bpfree.estimators import _lowrank, directions
+from bpfree.estimators import _embedding_rows, _lowrank, directions
 
 # Pieces of at most CHUNK values (256 KiB in fp32): MeZO's memory stays at inference + one piece.
 CHUNK = 1 << 16
@@ -48,6 +52,8 @@ class DirectionSpec:
     ``lowrank`` are the indices (into the trainable parameters) whose direction is rank-``rank``
     factors; every other parameter is dense. ``masked`` are the indices restricted to a mask (the
     masks themselves belong to the scheme that made them, e.g. ``variance.Sparse``'s state).
+    ``rows`` are the embedding weights whose directions live on the looked-up rows only (the rows
+    are the batch's: a replay runs the closure, ``_embedding_rows``).
     """
 
     seed: int
@@ -58,12 +64,13 @@ class DirectionSpec:
     shapes: tuple[tuple[int, ...], ...]
     lowrank: tuple[int, ...] = ()
     masked: tuple[int, ...] = ()
+    rows: tuple[int, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """A JSON-safe dict (run records, a wire format)."""
         return {"seed": self.seed, "num_directions": self.num_directions, "distribution": self.distribution,
                 "rank": self.rank, "orthogonal": self.orthogonal, "shapes": [list(s) for s in self.shapes],
-                "lowrank": list(self.lowrank), "masked": list(self.masked)}
+                "lowrank": list(self.lowrank), "masked": list(self.masked), "rows": list(self.rows)}
 
 
 def draw_seed(generator: torch.Generator) -> int:
@@ -93,6 +100,9 @@ class DirectionSet:
     ``dense[i]`` (K, *shape), ``factors[i]`` (A (K, m, r), B (K, n, r)) with ``modules[i]`` the
     layer, ``masks[i]`` a 0/1 tensor of p's shape applied to ``dense[i]``. With
     ``materialised=False`` the dense directions are not stored: :meth:`pieces` regenerates them.
+    ``rows[i]`` (an ``_embedding_rows.RowDirection``) is an embedding weight's direction on the rows
+    the batch looks up, drawn during the evaluation; ``dense_reasons`` says why each other
+    embedding weight got a dense direction.
     """
 
     spec: DirectionSpec
@@ -101,6 +111,8 @@ class DirectionSet:
     dense: dict[int, torch.Tensor] = field(default_factory=dict)
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: dict[int, _embedding_rows.RowDirection] = field(default_factory=dict)
+    dense_reasons: dict[str, str] = field(default_factory=dict)
     materialised: bool = True
     picked: tuple[int, ...] | None = None  # after select(): which of the spec's K directions these are
 
@@ -109,32 +121,46 @@ class DirectionSet:
     @classmethod
     def draw(cls, model: nn.Module, params: list[tuple[str, nn.Parameter]], *, num_directions: int,
              distribution: str, rank: int | str, orthogonal: bool, generator: torch.Generator,
-             masks: dict[int, torch.Tensor] | None = None, materialise: bool = True) -> DirectionSet:
+             masks: dict[int, torch.Tensor] | None = None, materialise: bool = True,
+             embedding_rows: bool = True) -> DirectionSet:
         """Draw the step seed from ``generator`` and build the directions from it.
 
         ``rank`` r: the weights of low-rank-eligible layers (``_lowrank.lowrank_modules``) that
         carry no mask get rank-r factors; ``"full"``: every direction is dense.
+        ``embedding_rows``: eligible ``nn.Embedding`` weights (``_embedding_rows.embedding_weights``)
+        get directions on the looked-up rows only.
         """
         masks = masks or {}
-        lowrank = {} if rank == "full" else _lowrank.lowrank_modules(model, [n for n, _ in params])
+        names = [n for n, _ in params]
+        lowrank = {} if rank == "full" else _lowrank.lowrank_modules(model, names)
         lowrank = {i: m for i, m in lowrank.items() if i not in masks}
+        rows, reasons = _embedding_rows.embedding_weights(model, names, enabled=embedding_rows, masked=set(masks),
+                                                          orthogonal=orthogonal)
         spec = DirectionSpec(seed=draw_seed(generator), num_directions=num_directions, distribution=distribution,
                              rank=rank, orthogonal=orthogonal, shapes=tuple(tuple(p.shape) for _, p in params),
-                             lowrank=tuple(sorted(lowrank)), masked=tuple(sorted(masks)))
-        return cls.regenerate(spec, params, lowrank, masks=masks, materialise=materialise)
+                             lowrank=tuple(sorted(lowrank)), masked=tuple(sorted(masks)), rows=tuple(sorted(rows)))
+        out = cls.regenerate(spec, params, {**lowrank, **rows}, masks=masks, materialise=materialise)
+        out.dense_reasons = reasons
+        return out
 
     @classmethod
     def regenerate(cls, spec: DirectionSpec, params: list[tuple[str, nn.Parameter]],
                    modules: dict[int, nn.Module], *, masks: dict[int, torch.Tensor] | None = None,
                    materialise: bool = True) -> DirectionSet:
-        """The directions ``spec`` describes, for ``params`` (shapes must match), bit for bit."""
+        """The directions ``spec`` describes, for ``params`` (shapes must match), bit for bit.
+        ``modules``: the layer of each low-rank weight and the ``nn.Embedding`` of each rows one."""
         shapes = tuple(tuple(p.shape) for _, p in params)
         if shapes != spec.shapes:
             raise ValueError(f"these directions were drawn for parameter shapes {spec.shapes}, not {shapes}")
         masks = masks or {}
         if tuple(sorted(masks)) != spec.masked:
             raise ValueError(f"the spec names masked parameters {spec.masked}; got masks for {sorted(masks)}")
-        out = cls(spec, params, dict(modules), masks=dict(masks), materialised=materialise)
+        missing = [i for i in (*spec.lowrank, *spec.rows) if i not in modules]
+        if missing:
+            raise ValueError(f"the spec's low-rank / embedding-rows parameters {missing} need their modules")
+        out = cls(spec, params, {i: modules[i] for i in spec.lowrank}, masks=dict(masks), materialised=materialise)
+        out.rows = {i: _embedding_rows.RowDirection(modules[i], (spec.seed, i), spec.num_directions,
+                                                    spec.distribution, fill=fill_stream_) for i in spec.rows}
         with directions._drawing():  # memory instruments count these buffers as "directions"
             out._fill(materialise)
         return out
@@ -155,7 +181,7 @@ class DirectionSet:
             b = fill_stream_(torch.empty(k * n * r, dtype=w.dtype, device=w.device), dist,
                              (spec.seed, i, FACTOR_B), generator=gen(w)).view(k, n, r)
             out.factors[i] = (a.mul_(1.0 / math.sqrt(r)), b)
-        dense = [i for i in range(len(params)) if i not in out.factors]
+        dense = out.dense_indices()
         if not materialise:
             if spec.orthogonal or k != 1:
                 raise ValueError("only single, non-orthogonal directions can be regenerated piece by piece")
@@ -179,7 +205,7 @@ class DirectionSet:
         z exist; the piece is only valid until the next one). Masked pieces come out masked."""
         if self.spec.num_directions != 1:
             raise ValueError("pieces() regenerates a single direction (K = 1)")
-        indices = [i for i in range(len(self.params)) if i not in self.factors] if indices is None else indices
+        indices = self.dense_indices() if indices is None else indices
         buffers: dict[tuple[torch.dtype, str], torch.Tensor] = {}
         gens: dict[str, torch.Generator] = {}
         largest = min(CHUNK, max((self.params[i][1].numel() for i in indices), default=0))
@@ -213,6 +239,15 @@ class DirectionSet:
             flat[start:start + z.numel()].copy_(z)
         return flat.view(1, *p.shape)
 
+    def dense_indices(self) -> list[int]:
+        """The parameters with dense directions (stored or regenerated): neither low-rank factors nor
+        embedding rows."""
+        return [i for i in range(len(self.params)) if i not in self.factors and i not in self.rows]
+
+    def embedding_summary(self) -> dict[str, Any]:
+        """``{"rows": {name: rows touched}, "dense": {name: reason}}`` for the embedding weights."""
+        return _embedding_rows.summary(self.rows, self.params, self.dense_reasons)
+
     # ------------------------------------------------------------------ transforming
 
     @property
@@ -230,28 +265,36 @@ class DirectionSet:
             dense={i: v.index_select(0, idx.to(v.device)) for i, v in self.dense.items()},
             factors={i: (a.index_select(0, idx.to(a.device)), b.index_select(0, idx.to(b.device)))
                      for i, (a, b) in self.factors.items()},
-            masks=self.masks, picked=picked)
+            masks=self.masks, rows={i: rd.select(idx) for i, rd in self.rows.items()},
+            dense_reasons=self.dense_reasons, picked=picked)
 
     def restricted(self, masks: dict[int, torch.Tensor]) -> DirectionSet:
         """These directions times 0/1 ``masks`` (parameter index → mask of its shape); a low-rank
-        direction that gets a mask is materialised first (M ⊙ A Bᵀ is not low-rank)."""
+        direction that gets a mask is materialised first (M ⊙ A Bᵀ is not low-rank); an embedding-rows
+        direction cannot take one (its rows are the batch's: mask it before drawing)."""
         if not self.materialised:
             raise ValueError("restricted() needs stored directions")
+        if any(i in self.rows for i in masks):
+            raise ValueError("an embedding-rows direction cannot be masked after drawing; pass the mask to draw()")
         dense, factors = dict(self.dense), dict(self.factors)
         for i, mask in masks.items():
             v = dense[i] if i in dense else _materialise(*factors.pop(i), self.params[i][1].shape)
             dense[i] = v * mask.to(v.dtype)
         return DirectionSet(self.spec, self.params, {i: m for i, m in self.modules.items() if i in factors},
-                            dense=dense, factors=factors, masks={**self.masks, **masks}, picked=self.picked)
+                            dense=dense, factors=factors, masks={**self.masks, **masks}, rows=self.rows,
+                            dense_reasons=self.dense_reasons, picked=self.picked)
 
     # ------------------------------------------------------------------ combining
 
     def gradients(self, weights: torch.Tensor) -> dict[int, torch.Tensor]:
         """Σ_k w_k v_k for every parameter (index → tensor of its shape), low-rank ones built as one
-        matmul. ``weights`` has shape (K,)."""
-        out = {i: _combine(weights, v) for i, v in self.dense.items()}
+        matmul, embedding rows zero off the touched rows, regenerated dense ones whole. ``weights``
+        has shape (K,)."""
+        out = {i: _combine(weights, self.dense_direction(i)) for i in self.dense_indices()}
         for i, (a, b) in self.factors.items():
             out[i] = _lowrank_sum(weights, a, b).view(self.params[i][1].shape)
+        for i, rd in self.rows.items():
+            out[i] = rd.gradient(weights)
         return out
 
     def write_gradients(self, weights: torch.Tensor, extra: dict[int, torch.Tensor] | None = None, *,
@@ -267,6 +310,10 @@ class DirectionSet:
                 if i in self.factors:
                     a, b = self.factors[i]
                     _lowrank.write_gradient(p, weights, [(a[j], b[j]) for j in range(a.shape[0])])
+                    if extra is not None and i in extra:
+                        p.grad.add_(extra[i])
+                elif i in self.rows:
+                    self.rows[i].write_gradient(p, weights)
                     if extra is not None and i in extra:
                         p.grad.add_(extra[i])
                 else:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from bpfree.estimators import _embedding_rows
 from bpfree.estimators.base import Closure, Estimate, Estimator
 from bpfree.estimators.direction_set import DirectionSet
 
@@ -55,14 +56,19 @@ class Step:
 
 class DirectionalEstimator(Estimator):
     """Base of ``forward_gradient``, ``spsa`` and ``mezo``. Subclasses (frozen dataclasses) have the
-    options ``num_directions`` (or a fixed K), ``distribution``, ``rank``, ``schemes`` and implement
-    :meth:`evaluate`."""
+    options ``num_directions`` (or a fixed K), ``distribution``, ``rank``, ``schemes`` (and
+    optionally ``embedding_rows``, on when absent: ``_embedding_rows``) and implement :meth:`evaluate`."""
 
     single_direction = False  # True: evaluates one direction at a time (MeZO's in-place path)
 
     def draw_options(self) -> dict[str, Any]:
         return {"distribution": self.distribution, "rank": self.rank,
-                "orthogonal": getattr(self, "orthogonal", False)}
+                "orthogonal": getattr(self, "orthogonal", False), "embedding_rows": self.rows_on}
+
+    @property
+    def rows_on(self) -> bool:
+        """The ``embedding_rows`` option (on for a subclass that does not declare it)."""
+        return getattr(self, "embedding_rows", True)
 
     @property
     def k(self) -> int:
@@ -107,6 +113,8 @@ class DirectionalEstimator(Estimator):
         step.loss = float(ev.loss)
         step.details.update(ev.details)
         step.details["directional_derivatives"] = ev.d.detach().float().clone()
+        if dirs.rows or dirs.dense_reasons:
+            step.details["embedding_rows"] = dirs.embedding_summary()
         d = ev.d
         for s in self.schemes:
             dirs, d = s.select(step, dirs, d)
@@ -141,6 +149,17 @@ class DirectionalEstimator(Estimator):
         self.__dict__["_step_counter"] = [int(state.get("step", 0))]
         for s in self.schemes:
             s.load_state_dict(state.get("schemes", {}).get(s.name, {}))
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """Which embedding weights of ``model`` get directions on the looked-up rows only and why
+        each other one is dense (``_embedding_rows``); ``{}`` for a model without embeddings."""
+        params = [n for n, p in model.named_parameters() if p.requires_grad]
+        masked = {i for s in self.schemes if s.name == "sparse" for i in range(len(params))}
+        rows, dense = _embedding_rows.embedding_weights(model, params, enabled=self.rows_on, masked=masked,
+                                                        orthogonal=getattr(self, "orthogonal", False))
+        if not rows and not dense:
+            return {}
+        return {"embedding_rows": {"rows": [params[i] for i in sorted(rows)], "dense": dense}}
 
     def options(self) -> dict[str, Any]:
         """The estimator's own options and every active scheme's, flat (``svrg_every``, ...)."""

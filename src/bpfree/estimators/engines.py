@@ -25,6 +25,11 @@ estimator asks the two dispatchers here and never chooses a fast path inline:
     z regenerated piece by piece, a record kept to restore them bit-exactly
     (:func:`shift_exactly`); the caller finishes the step (restore or update).
 
+Embedding weights with directions on the looked-up rows (``DirectionSet.rows``) are applied inside
+their lookup (``_embedding_rows``: a tangent v[ids] or a shift s·v[ids]) by ``per_direction``,
+``per_branch`` and ``in_place``; the engines that run layers by hand and ``vmapped_jvp`` do not take
+them (``DoesNotApply``).
+
 Each engine raises ``DoesNotApply`` (``_models``) when it cannot stand in for the closure; the
 dispatcher then tries the next. Models are recognised by one function
 (``_models.sequential_modules``), which refuses any module with hooks, for every engine.
@@ -48,7 +53,7 @@ import torch
 from torch import nn
 from torch.autograd import forward_ad as fwAD
 
-from bpfree.estimators import _chain, _lowrank
+from bpfree.estimators import _chain, _embedding_rows, _lowrank
 from bpfree.estimators._functional import explain_forward_ad_failure, functional_loss, substituted
 from bpfree.estimators._models import DoesNotApply
 from bpfree.estimators.base import check_scalar_loss
@@ -112,7 +117,7 @@ def directional_derivatives(model: nn.Module, dirs: DirectionSet, closure: Calla
 
 def _batched_chain(model, dirs: DirectionSet, closure, primals, estimator) -> Derivatives:
     k = dirs.num_directions
-    chain = _lowrank.tangent_chain(model) if k > 1 and dirs.factors else None
+    chain = _lowrank.tangent_chain(model) if k > 1 and dirs.factors and not dirs.rows else None
     if chain is None:
         raise DoesNotApply
     owner = {}
@@ -137,7 +142,7 @@ def _batched_chain(model, dirs: DirectionSet, closure, primals, estimator) -> De
 
 def _vmapped_jvp(model, dirs: DirectionSet, closure, primals, estimator) -> Derivatives:
     k = dirs.num_directions
-    if dirs.factors or not (k > 1 or dirs.spec.orthogonal):
+    if dirs.factors or dirs.rows or not (k > 1 or dirs.spec.orthogonal):
         raise DoesNotApply
     names = [n for n, _ in dirs.params]
     tangents = [dirs.dense[i] for i in range(len(dirs.params))]
@@ -151,7 +156,7 @@ def _vmapped_jvp(model, dirs: DirectionSet, closure, primals, estimator) -> Deri
 
 def _per_direction(model, dirs: DirectionSet, closure, primals, estimator) -> Derivatives:
     k = dirs.num_directions
-    dense = [i for i in range(len(dirs.params)) if i not in dirs.factors]
+    dense = dirs.dense_indices()
     names = [dirs.params[i][0] for i in dense]
     dense_primals = [primals[i] for i in dense]
     loss, d_all = None, []
@@ -159,13 +164,17 @@ def _per_direction(model, dirs: DirectionSet, closure, primals, estimator) -> De
         tangents = [_standalone(dirs.dense_direction(i)[j]) for i in dense]
         step_factors = {dirs.modules[i]: (a[j], b[j]) for i, (a, b) in dirs.factors.items()}
 
-        def run(tangents=tangents, step_factors=step_factors):
-            with _lowrank.with_tangents(step_factors, model) if step_factors else contextlib.nullcontext():
+        def run(tangents=tangents, step_factors=step_factors, j=j):
+            with contextlib.ExitStack() as layers:
+                if step_factors:
+                    layers.enter_context(_lowrank.with_tangents(step_factors, model))
+                if dirs.rows:
+                    layers.enter_context(_embedding_rows.with_tangents(dirs.rows, j, model))
                 return directional_derivative(model, names, closure, dense_primals, tangents)
 
         loss, d = explained(run, model, estimator)
         d_all.append(d.reshape(()))
-    passes = 2.0 * k if dirs.factors else 1.0 + 2.0 * k
+    passes = 2.0 * k if dirs.factors or dirs.rows else 1.0 + 2.0 * k
     return Derivatives(loss, torch.stack(d_all), passes, "per_direction")
 
 
@@ -281,10 +290,10 @@ def chain_biases(chain: list[nn.Module], dense: list[torch.Tensor]) -> list[nn.M
 
 
 def _one_pass(model, dirs: DirectionSet, closure, scales, which, share_prefix, max_branches) -> torch.Tensor:
-    chain = _chain.sequential_chain(model) if dirs.factors else None
+    chain = _chain.sequential_chain(model) if dirs.factors and not dirs.rows else None
     if chain is None:
         raise DoesNotApply
-    dense = [i for i in range(len(dirs.params)) if i not in dirs.factors]
+    dense = dirs.dense_indices()
     biases = chain_biases(chain, [dirs.params[i][1] for i in dense])
     if biases is None:
         raise DoesNotApply
@@ -297,7 +306,7 @@ def _one_pass(model, dirs: DirectionSet, closure, scales, which, share_prefix, m
 
 
 def _per_branch(model, dirs: DirectionSet, closure, scales, which, primals) -> torch.Tensor:
-    dense = [i for i in range(len(dirs.params)) if i not in dirs.factors]
+    dense = dirs.dense_indices()
     names = [dirs.params[i][0] for i in dense]
     base = [primals[i] for i in dense]
     f = functional_loss(model, names, closure)
@@ -309,7 +318,7 @@ def _per_branch(model, dirs: DirectionSet, closure, scales, which, primals) -> t
             vs = [dirs.dense_direction(i)[j] for i in dense]
             shifted = torch._foreach_add(base, vs, alpha=scale) if base else []
             factors = {dirs.modules[i]: (a[j], b[j], scale) for i, (a, b) in dirs.factors.items()}
-            with _lowrank.perturbed(factors, model):
+            with layer_perturbations(model, dirs, factors, j, scale):
                 out = f(*shifted)
         check_scalar_loss(out)
         return out.detach().reshape(()).double()
@@ -324,12 +333,12 @@ def _in_place(model, dirs: DirectionSet, closure, scales, which, primals, exact:
     if len(scales) != 2 or scales[0] != -scales[1] or set(which) != {0} or dirs.num_directions != 1:
         raise DoesNotApply  # two branches ±ε of one direction
     eps = float(scales[0])
-    dense = [i for i in range(len(dirs.params)) if i not in dirs.factors]
+    dense = dirs.dense_indices()
     flat = {i: _flat_view(primals[i]) for i in dense}
 
     def loss(sign: float) -> torch.Tensor:
         factors = {dirs.modules[i]: (a[0], b[0], sign * eps) for i, (a, b) in dirs.factors.items()}
-        with _lowrank.perturbed(factors, model):
+        with layer_perturbations(model, dirs, factors, 0, sign * eps):
             out = closure()
         check_scalar_loss(out)
         return out.detach().reshape(()).double()
@@ -365,6 +374,18 @@ def _in_place(model, dirs: DirectionSet, closure, scales, which, primals, exact:
     return torch.stack([f_plus, f_minus]), (records if exact else None)
 
 
+@contextlib.contextmanager
+def layer_perturbations(model: nn.Module, dirs: DirectionSet, factors: dict, j: int, scale: float) -> Iterator[None]:
+    """Within the block the directions applied inside layers are on: low-rank ``factors``
+    (module → (A, B, s)) and each embedding's s·v_j on its looked-up rows; nothing is written."""
+    with contextlib.ExitStack() as layers:
+        if factors:
+            layers.enter_context(_lowrank.perturbed(factors, model))
+        if dirs.rows:
+            layers.enter_context(_embedding_rows.perturbed(dirs.rows, j, scale, model))
+        yield
+
+
 def _nones() -> Iterator[None]:
     while True:
         yield None
@@ -379,8 +400,7 @@ def _flat_view(t: torch.Tensor) -> torch.Tensor:
 def in_place_parts(dirs: DirectionSet, tensors: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """``(parameter index, flat piece of its tensor, its z)`` over the dense directions, regenerated
     in the same order as the ``in_place`` engine shifted them (``tensors``: one per parameter)."""
-    dense = [i for i in range(len(dirs.params)) if i not in dirs.factors]
-    for i, start, z in dirs.pieces(dense):
+    for i, start, z in dirs.pieces(dirs.dense_indices()):
         yield i, _flat_view(tensors[i])[start:start + z.numel()], z
 
 

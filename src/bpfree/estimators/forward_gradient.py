@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from bpfree.estimators import _lowrank, directions, engines
-from bpfree.estimators.base import check_positive, check_positive_int
+from bpfree.estimators.base import check_bool, check_positive, check_positive_int
 from bpfree.estimators.directional import DirectionalEstimator, Evaluation
 from bpfree.estimators.registry import register
 
@@ -51,7 +51,10 @@ class ForwardGradient(DirectionalEstimator):
     Draw K directions (``DirectionSet``), get d_k = ∇f·v_k from the first engine that applies
     (``engines.directional_derivatives``: the batched K-tangent chain, a vmapped jvp, or one
     forward-AD pass per direction), combine Σ_k w_k v_k with w_k = clip(d_k)/K, write ``p.grad``.
-    ``schemes``: variance reduction (``bpfree.estimators.variance``).
+    ``schemes``: variance reduction (``bpfree.estimators.variance``). ``embedding_rows`` (default
+    on): an ``nn.Embedding`` weight's directions live on the rows the batch looks up
+    (``_embedding_rows``; unbiased, (V − |T|)·D fewer noise dimensions), dense where that does not
+    apply (a tied weight, ...: the reason is in ``details["embedding_rows"]``).
     """
 
     num_directions: int = 1
@@ -59,11 +62,13 @@ class ForwardGradient(DirectionalEstimator):
     orthogonal: bool = False
     jvp_clip: float | None = None
     rank: int | str = 1  # low-rank Linear/Conv2d-weight directions (_lowrank); "full": dense directions
+    embedding_rows: bool = True  # nn.Embedding directions on the looked-up rows only (_embedding_rows)
     seed: int = 0
     schemes: tuple = ()
 
     def __post_init__(self) -> None:
         check_positive_int("num_directions", self.num_directions)
+        check_bool("embedding_rows", self.embedding_rows)
         directions.check_distribution(self.distribution, orthogonal=self.orthogonal)
         if self.jvp_clip is not None:
             check_positive("jvp_clip", self.jvp_clip)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from bpfree.estimators import _chain, _lowrank, directions, engines
-from bpfree.estimators.base import check_positive, check_positive_int
+from bpfree.estimators.base import check_bool, check_positive, check_positive_int
 from bpfree.estimators.direction_set import CHUNK, DENSE, fill_stream_
 from bpfree.estimators.directional import DirectionalEstimator, Evaluation
 from bpfree.estimators.engines import shift_exactly, unshift_exactly  # noqa: F401  (public here too)
@@ -55,11 +55,13 @@ class SPSA(DirectionalEstimator):
     scheme: str = "central"
     distribution: str = "rademacher"  # fastest unbiased choice (directions.fill_)
     rank: int | str = 1  # low-rank Linear/Conv2d-weight directions (_lowrank); "full": dense directions
+    embedding_rows: bool = True  # nn.Embedding directions on the looked-up rows only (_embedding_rows)
     seed: int = 0
     schemes: tuple = ()
 
     def __post_init__(self) -> None:
         check_positive_int("num_directions", self.num_directions)
+        check_bool("embedding_rows", self.embedding_rows)
         check_positive("eps", self.eps)
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {self.scheme!r}; valid: {', '.join(SCHEMES)}")
@@ -112,7 +114,9 @@ class MeZO(DirectionalEstimator):
     ``rank = r``: the weights of ``nn.Linear`` and ``nn.Conv2d`` layers get low-rank
     directions V = A Bᵀ (``_lowrank``), applied inside the layer as ±ε·Vx, so they
     are never written and need no restore record; the factors (r·(m + n)
-    values per layer) are kept for the step.
+    values per layer) are kept for the step. ``embedding_rows`` (default on): an
+    ``nn.Embedding`` weight is perturbed inside its lookup, on the looked-up rows only
+    (``_embedding_rows``), never written either; its gradient (or update) touches those rows.
 
     **Update mode** (``lr`` set): MeZO's real memory path. Instead of writing
     ``p.grad``, the step applies SGD in place during the restore phase,
@@ -129,6 +133,7 @@ class MeZO(DirectionalEstimator):
     lr: float | None = None
     weight_decay: float = 0.0
     rank: int | str = 1  # low-rank Linear/Conv2d-weight directions (_lowrank); "full": dense directions
+    embedding_rows: bool = True  # nn.Embedding directions on the looked-up rows only (_embedding_rows)
     seed: int = 0
     schemes: tuple = ()
 
@@ -136,6 +141,7 @@ class MeZO(DirectionalEstimator):
 
     def __post_init__(self) -> None:
         check_positive("eps", self.eps)
+        check_bool("embedding_rows", self.embedding_rows)
         directions.check_distribution(self.distribution)
         _lowrank.check_rank(self.rank)
         if self.lr is not None:
@@ -150,7 +156,8 @@ class MeZO(DirectionalEstimator):
                              "writes none: drop mezo's lr and use an optimizer")
 
     def draw_options(self):
-        return {"distribution": self.distribution, "rank": self.rank, "orthogonal": False}
+        return {"distribution": self.distribution, "rank": self.rank, "orthogonal": False,
+                "embedding_rows": self.rows_on}
 
     def materialise(self, candidates: int) -> bool:
         return False  # z is regenerated piece by piece, never stored
@@ -201,7 +208,18 @@ class MeZO(DirectionalEstimator):
                         weight.mul_(1 - self.lr * self.weight_decay)
                     _lowrank.add_lowrank_(weight, a[0], b[0], alpha=-float(w) * self.lr)  # rank r
                     weight.grad = None
-            dense = [i for i in range(len(params)) if i not in dirs.factors]
+            for i, rd in dirs.rows.items():
+                weight = params[i][1]
+                if self.lr is None:
+                    rd.write_gradient(weight, weights)
+                    if extra is not None and i in extra:
+                        weight.grad.add_(extra[i])
+                else:
+                    if self.weight_decay:
+                        weight.mul_(1 - self.lr * self.weight_decay)
+                    weight.index_add_(0, rd.rows, rd.combined(weights), alpha=-self.lr)  # the touched rows
+                    weight.grad = None
+            dense = dirs.dense_indices()
             if self.lr is None:
                 grads = {i: params[i][1].grad if _reusable_grad(params[i][1]) else torch.empty_like(params[i][1])
                          for i in dense}

@@ -78,9 +78,7 @@ class SVRG(Scheme):
                 dirs = est.draw(step, k, masks, materialise=est.materialise(1))
                 ev = est.evaluate(step, dirs, closure=closure, at=theta)
                 step.forward_passes += ev.forward_passes
-                grads = dirs.gradients(est.weights(ev.d)) if dirs.materialised else \
-                    {i: dirs.dense_direction(i)[0] * est.weights(ev.d).reshape(()) for i in range(len(step.params))
-                     if i not in dirs.factors} | dirs.gradients(est.weights(ev.d))
+                grads = dirs.gradients(est.weights(ev.d))
                 with torch.no_grad(), _snapshotting():
                     for i, g in grads.items():
                         mu[i].add_(g.view_as(mu[i]), alpha=1.0 / (len(closures) * share))
