@@ -28,7 +28,7 @@ def test_the_three_registries_have_one_shape(registry, face, name, typo):
 
 
 def test_option_defaults_and_types_come_from_the_builder():
-    assert models.option_defaults("mlp") == {"hidden": (1024, 1024)}
+    assert models.option_defaults("mlp")["hidden"] == (1024, 1024)
     assert "num_samples" in data.option_defaults("mnist1d")
     assert "hidden" in models.option_types("mlp")
     assert "num_directions" in estimators.option_types("forward_gradient")
