@@ -114,7 +114,11 @@ def test_provenance_names_this_checkout():
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     if git.returncode != 0:
         pytest.skip("not a git checkout")
-    assert v["bpfree_commit"] == git.stdout.strip() and isinstance(v["bpfree_dirty"], bool)
+    # code_version() is read once per process; git_state() reads HEAD now, so a commit made
+    # while the suite runs cannot make this fail
+    commit, dirty = provenance.git_state(Path(bpfree.__file__).parent)
+    assert commit == git.stdout.strip() and isinstance(dirty, bool)
+    assert set(v) == {"bpfree_version", "bpfree_commit", "bpfree_dirty"} and len(v["bpfree_commit"]) == 40
 
 
 def test_provenance_is_unknown_without_git_or_outside_a_checkout(tmp_path, monkeypatch):
