@@ -49,13 +49,13 @@ runs during an evaluation, the step fails with an error naming it and the fix
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.autograd import forward_ad as fwAD
 
-from bpfree.estimators._functional import UnsupportedModelError
+from bpfree.estimators._functional import patched_forwards
 
 ROWS = 3  # the stream tag of row-restricted values (direction_set: DENSE 0, FACTOR_A 1, FACTOR_B 2)
 
@@ -199,34 +199,12 @@ def _lookup(mod: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     return type(mod).forward(mod, ids)  # the class's forward, not the instance-level patch
 
 
-@contextlib.contextmanager
-def _patched(forwards: dict[nn.Module, Callable[..., torch.Tensor]], model: nn.Module) -> Iterator[None]:
+def _patched(forwards: dict[nn.Module, Callable[..., torch.Tensor]], model: nn.Module):
     """Instance-level forwards for the block; afterwards every patched module must have run."""
-    called: set[int] = set()
-    done = []
-    try:
-        for mod, fn in forwards.items():
-            if "forward" in mod.__dict__:
-                raise ValueError(f"{type(mod).__name__} already has an instance-level forward; cannot perturb it")
-
-            def forward(ids: torch.Tensor, fn=fn, mod=mod) -> torch.Tensor:
-                called.add(id(mod))
-                return fn(ids)
-
-            mod.forward = forward
-            done.append(mod)
-        yield
-    finally:
-        for mod in done:
-            del mod.forward
-    missing = [m for m in forwards if id(m) not in called]
-    if missing:
-        names = {m: n for n, m in model.named_modules()}
-        raise UnsupportedModelError(
-            f"embedding directions on the looked-up rows (embedding_rows, the default) perturb an nn.Embedding "
-            f"weight inside its lookup, but the forward of {', '.join(names.get(m, type(m).__name__) for m in missing)} "
-            f"never ran: its weight is used some other way. Set embedding_rows=false (dense directions) for this model."
-        )
+    return patched_forwards(forwards, model, lambda names: (
+        f"embedding directions on the looked-up rows (embedding_rows, the default) perturb an nn.Embedding "
+        f"weight inside its lookup, but the forward of {names} "
+        f"never ran: its weight is used some other way. Set embedding_rows=false (dense directions) for this model."))
 
 
 def perturbed(rows: dict[int, RowDirection], j: int, scale: float,

@@ -68,6 +68,39 @@ def substituted(model: nn.Module, names: list[str], tensors: list[torch.Tensor])
         yield
 
 
+@contextlib.contextmanager
+def patched_forwards(forwards: dict[nn.Module, Callable[..., torch.Tensor]], model: nn.Module,
+                     never_ran: Callable[[str], str]) -> Iterator[None]:
+    """Instance-level forwards ``forwards[mod]`` for the block; afterwards every patched module
+    must have run.
+
+    A module whose forward never ran had its weight used some other way (or not at all), so
+    the perturbation patched into it would silently be missing: that is an
+    ``UnsupportedModelError`` with ``never_ran(names of those modules)``.
+    """
+    called: set[int] = set()
+    patched = []
+    try:
+        for mod, fn in forwards.items():
+            if "forward" in mod.__dict__:
+                raise ValueError(f"{type(mod).__name__} already has an instance-level forward; cannot perturb it")
+
+            def forward(*args, fn=fn, mod=mod, **kwargs) -> torch.Tensor:
+                called.add(id(mod))
+                return fn(*args, **kwargs)
+
+            mod.forward = forward
+            patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+    missing = [m for m in forwards if id(m) not in called]
+    if missing:
+        names = {m: n for n, m in model.named_modules()}
+        raise UnsupportedModelError(never_ran(", ".join(names.get(m, type(m).__name__) for m in missing)))
+
+
 def functional_loss(model: nn.Module, names: list[str], closure: Closure) -> Callable[..., torch.Tensor]:
     """``f(*tensors) -> loss``: the closure as a pure function of the parameters."""
 

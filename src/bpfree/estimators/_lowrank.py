@@ -46,14 +46,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bpfree.estimators import _models, directions
-from bpfree.estimators._functional import UnsupportedModelError, loss_gradient_at_output, output_leaf
+from bpfree.estimators._functional import loss_gradient_at_output, output_leaf, patched_forwards
 
 
 def check_rank(rank: object) -> None:
@@ -95,40 +95,13 @@ def lowrank_modules(model: nn.Module, names: list[str]) -> dict[int, nn.Module]:
     return out
 
 
-@contextlib.contextmanager
-def _patched(modules: dict[nn.Module, Callable[..., torch.Tensor]], model: nn.Module) -> Iterator[None]:
-    """Instance-level forwards for the block; afterwards, every patched module must have run.
-
-    A layer whose forward never ran had its weight used some other way (or not
-    at all), so its low-rank perturbation would silently be missing: that is an
-    error naming the module.
-    """
-    called: set[int] = set()
-    patched = []
-    try:
-        for mod, fn in modules.items():
-            if "forward" in mod.__dict__:
-                raise ValueError(f"{type(mod).__name__} already has an instance-level forward; cannot perturb it")
-
-            def forward(*args: Any, fn=fn, mod=mod, **kwargs: Any) -> torch.Tensor:
-                called.add(id(mod))
-                return fn(*args, **kwargs)
-
-            mod.forward = forward
-            patched.append(mod)
-        yield
-    finally:
-        for mod in patched:
-            del mod.forward
-    missing = [m for m in modules if id(m) not in called]
-    if missing:
-        names = {m: n for n, m in model.named_modules()}
-        missing = [names.get(m, type(m).__name__) for m in missing]
-        raise UnsupportedModelError(
-            f"low-rank directions (rank=...) perturb an nn.Linear/nn.Conv2d weight inside the layer's forward, but the "
-            f"forward of {', '.join(missing)} never ran: its weight is used some other way. Use rank=\"full\" "
-            f"(dense directions) for this model."
-        )
+def _patched(modules: dict[nn.Module, Callable[..., torch.Tensor]], model: nn.Module):
+    """Instance-level forwards for the block; afterwards every patched layer must have run
+    (a layer whose weight is used some other way would silently miss its perturbation)."""
+    return patched_forwards(modules, model, lambda names: (
+        f"low-rank directions (rank=...) perturb an nn.Linear/nn.Conv2d weight inside the layer's forward, but the "
+        f"forward of {names} never ran: its weight is used some other way. Use rank=\"full\" "
+        f"(dense directions) for this model."))
 
 
 def draw_factors(weight: torch.Tensor, rank: int, distribution: str,
