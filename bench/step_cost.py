@@ -69,12 +69,13 @@ TASKS = {"mlp": ("mlp", {"hidden": (1024, 1024)}), "cnn": ("cnn_mnist", {})}
 
 # (what, row, measure, limit): measure is "time" (ratio to backprop), "time_k1" (ratio to
 # forward_gradient K=1) or "memory" (peak over the inference peak of the same batch).
+# Issue 14's targets (estimators built from parts must not be slower than the fast paths were).
 TARGETS = [
-    ("forward_gradient K=1 ≤ 1.2x backprop", "forward_gradient K=1", "time", 1.2),
+    ("forward_gradient K=1 ≤ 0.95x backprop", "forward_gradient K=1", "time", 0.95),
     ("spsa ≤ 0.9x backprop", "spsa", "time", 0.9),
     ("mezo ≤ 0.9x backprop", "mezo", "time", 0.9),
-    ("forward_gradient K=16 ≤ 6x its K=1", "forward_gradient K=16", "time_k1", 6.0),
-    ("mezo update peak ≤ 1.05x inference", "mezo update (no .grad)", "memory", 1.05),
+    ("forward_gradient K=16 ≤ 5x its K=1", "forward_gradient K=16", "time_k1", 5.0),
+    ("mezo update peak ≤ 1.00x inference", "mezo update (no .grad)", "memory", 1.005),
 ]
 
 
@@ -339,10 +340,11 @@ def main() -> None:
             ("cosine_mean", "cos to ∇", ".4f"),
         ]))
         print()
-        print("| target | measured | met |\n|---|---|---|")
-        for what, value, limit, met in target_rows(rows):
-            print(f"| {what} | {value:.2f} | {'yes' if met else 'no'} |")
-        print()
+        if task == "mlp":  # the issue's targets are stated for this MLP; the CNN has its baseline in docs
+            print("| target | measured | met |\n|---|---|---|")
+            for what, value, limit, met in target_rows(rows):
+                print(f"| {what} | {value:.2f} | {'yes' if met else 'no'} |")
+            print()
         results[task] = rows
     if args.out:
         with open(args.out, "w") as f:

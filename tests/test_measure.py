@@ -36,13 +36,17 @@ def test_flops_match_the_analytic_mlp_formulas():
         zo = flops.step_flops(estimators.make(name, rank="full"), model, closure)
         assert zo.step == 2 * flops.mlp_forward_flops(B, WIDTHS)
     # rank-1 directions (the default): the weight tangent/perturbation is A(Bᵀx), 2B(m + n) per
-    # layer and evaluation, the gradient d·A Bᵀ one m×n outer product (2mn) per layer
+    # layer and evaluation; the gradient d·a bᵀ is an elementwise outer product (mn multiplies),
+    # which FlopCounterMode (matmuls and convolutions only) does not count; at rank r > 1 it is a
+    # GEMM with inner dimension r (2mnr), which it does
     f = flops.mlp_forward_flops(B, WIDTHS)
     layers = list(zip(WIDTHS[:-1], WIDTHS[1:]))
     lowrank = sum(2 * B * (a + b) for a, b in layers)
-    outer = sum(2 * a * b for a, b in layers)
+    outer = 0
     fg1 = flops.step_flops(estimators.make("forward_gradient"), model, closure)
-    assert fg1.step == f + (f - 2 * B * WIDTHS[0] * WIDTHS[1]) + lowrank + outer  # primal + W·dx (not layer 1)
+    assert fg1.step == f + (f - 2 * B * WIDTHS[0] * WIDTHS[1]) + lowrank  # primal + W·dx (not layer 1)
+    fg2 = flops.step_flops(estimators.make("forward_gradient", rank=2), model, closure)
+    assert fg2.step == f + (f - 2 * B * WIDTHS[0] * WIDTHS[1]) + 2 * lowrank + sum(4 * a * b for a, b in layers)
     # zeroth order in one pass (_chain): the first layer's W x and Bᵀx once for both branches, every
     # later layer's GEMM and Bᵀx per branch; the rank-1 expansion A(Bᵀx) is an elementwise
     # outer product, which FlopCounterMode (matmuls and convolutions only) does not count

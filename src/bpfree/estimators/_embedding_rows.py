@@ -57,7 +57,7 @@ from torch.autograd import forward_ad as fwAD
 
 from bpfree.estimators._functional import patched_forwards
 
-ROWS = 3  # the stream tag of row-restricted values (direction_set: DENSE 0, FACTOR_A 1, FACTOR_B 2)
+ROWS = 3  # the stream tag of row-restricted values (direction_set: DENSE 0, FACTORS 1)
 
 
 def embedding_weights(model: nn.Module, names: list[str], *, enabled: bool = True,

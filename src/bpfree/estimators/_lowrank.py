@@ -306,10 +306,14 @@ def write_gradient(weight: torch.Tensor, weights: torch.Tensor, factors: list[tu
         b = torch.cat([f[1] for f in factors], dim=1)
         a = a * weights.to(a.dtype).repeat_interleave(factors[0][0].shape[1])
     g = weight.grad
+    # rank 1 in total: the outer product a bᵀ elementwise (each entry one product, as the matmul's,
+    # so bit-identical), about twice as fast as a GEMM with inner dimension 1 on this CPU
+    outer = a.shape[1] == 1
     if g is not None and g.shape == weight.shape and g.dtype == weight.dtype and g.is_contiguous():
-        torch.mm(a, b.T, out=g.view(a.shape[0], -1))
+        gm = g.view(a.shape[0], -1)
+        torch.mul(a, b.T, out=gm) if outer else torch.mm(a, b.T, out=gm)
     else:
-        weight.grad = (a @ b.T).view(weight.shape)
+        weight.grad = (a * b.T if outer else a @ b.T).view(weight.shape)
 
 
 def add_lowrank_(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:

@@ -14,14 +14,16 @@ to a mask (sparse). Each parameter's direction takes one of these forms:
 * **rows** — an ``nn.Embedding`` weight's direction, zero off the rows the batch looks up (and
   the padding row), drawn at the lookup (``_embedding_rows``: the gradient is exactly zero there,
   so the estimate stays unbiased with (V − |T|)·D fewer noise dimensions);
-* **regenerated** — not stored at all: MeZO's in-place path regenerates pieces on demand
-  (:meth:`DirectionSet.pieces`), bit-identical to the stored form.
+* **regenerated** — not stored: MeZO's in-place path regenerates pieces on demand
+  (:meth:`DirectionSet.pieces`), bit-identical to the stored form; tensors of at most ``SMALL``
+  values (biases, norms) are stored even then.
 
 Every value is a pure function of a :class:`DirectionSpec` — (seed, counter, shapes,
 options): the step seed s is the only draw from the caller's generator, and the values of
 parameter i are counter-based streams (``directions.counter_seed``): the flat (K·numel) block of
 a dense direction is filled in pieces of ``CHUNK`` values, piece c from the stream
-(s, i, 0, c); a low-rank weight's A from (s, i, 1, c) and B from (s, i, 2, c); the g-th group of
+(s, i, 0, c); a low-rank weight's A and B from one stream (s, i, 1, c), A's K·m·r values first
+then B's (one draw per layer); the g-th group of
 newly looked-up rows of an embedding from (s, i, 3, g, c). So any piece can
 be regenerated alone, in any order, on any machine, from the description alone
 (:meth:`DirectionSet.describe` / :meth:`DirectionSet.regenerate`) — a data-parallel mode can
@@ -42,7 +44,10 @@ from bpfree.estimators import _embedding_rows, _lowrank, directions
 
 # Pieces of at most CHUNK values (256 KiB in fp32): MeZO's memory stays at inference + one piece.
 CHUNK = 1 << 16
-DENSE, FACTOR_A, FACTOR_B, JOINT = 0, 1, 2, -1
+# A regenerated set (materialise=False) still stores the directions of tensors of at most SMALL values
+# (biases, norm weights): a few KiB in all, and each regeneration would cost a draw's overhead.
+SMALL = 1 << 12
+DENSE, FACTORS, JOINT = 0, 1, -1  # stream tags (2 was FACTOR_B before A and B shared one stream)
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,9 @@ def fill_stream_(flat: torch.Tensor, distribution: str, key: tuple[int, ...], *,
         raise ValueError(f"a stream is regenerated in whole pieces of {CHUNK} values; start={start}")
     gen = generator or torch.Generator(device=flat.device)
     with directions._drawing():
+        if flat.numel() <= CHUNK:  # one piece (every factor and bias): no slicing
+            gen.manual_seed(directions.counter_seed(*key, start // CHUNK))
+            return directions.fill_(flat, distribution, gen)
         for off in range(0, flat.numel(), CHUNK):
             gen.manual_seed(directions.counter_seed(*key, (start + off) // CHUNK))
             directions.fill_(flat[off:off + CHUNK], distribution, gen)
@@ -99,7 +107,8 @@ class DirectionSet:
 
     ``dense[i]`` (K, *shape), ``factors[i]`` (A (K, m, r), B (K, n, r)) with ``modules[i]`` the
     layer, ``masks[i]`` a 0/1 tensor of p's shape applied to ``dense[i]``. With
-    ``materialised=False`` the dense directions are not stored: :meth:`pieces` regenerates them.
+    ``materialised=False`` the dense directions of tensors over ``SMALL`` values are not stored:
+    :meth:`pieces` regenerates them.
     ``rows[i]`` (an ``_embedding_rows.RowDirection``) is an embedding weight's direction on the rows
     the batch looks up, drawn during the evaluation; ``dense_reasons`` says why each other
     embedding weight got a dense direction.
@@ -176,15 +185,25 @@ class DirectionSet:
         for i in spec.lowrank:
             w = params[i][1]
             m, n, r = w.shape[0], w[0].numel(), spec.rank
-            a = fill_stream_(torch.empty(k * m * r, dtype=w.dtype, device=w.device), dist,
-                             (spec.seed, i, FACTOR_A), generator=gen(w)).view(k, m, r)
-            b = fill_stream_(torch.empty(k * n * r, dtype=w.dtype, device=w.device), dist,
-                             (spec.seed, i, FACTOR_B), generator=gen(w)).view(k, n, r)
-            out.factors[i] = (a.mul_(1.0 / math.sqrt(r)), b)
+            # A and B from one stream, A's K·m·r values first: one draw per layer, not two (a draw of a
+            # few thousand values costs its fixed overhead, ~0.1 ms on a small CPU, more than its values)
+            ab = fill_stream_(torch.empty(k * (m + n) * r, dtype=w.dtype, device=w.device), dist,
+                              (spec.seed, i, FACTORS), generator=gen(w))
+            a, b = ab[: k * m * r].view(k, m, r), ab[k * m * r:].view(k, n, r)
+            out.factors[i] = (a.mul_(1.0 / math.sqrt(r)) if r != 1 else a, b)
         dense = out.dense_indices()
         if not materialise:
             if spec.orthogonal or k != 1:
                 raise ValueError("only single, non-orthogonal directions can be regenerated piece by piece")
+            # small tensors (biases, norms) are stored anyway: regenerating one costs a draw's fixed
+            # overhead each time it is used (MeZO uses z three times), and they hold few values
+            for i in dense:
+                p = params[i][1]
+                if p.numel() <= SMALL:
+                    out.dense[i] = fill_stream_(torch.empty(p.numel(), dtype=p.dtype, device=p.device), dist,
+                                                (spec.seed, i, DENSE), generator=gen(p)).view(1, *p.shape)
+                    if i in out.masks:
+                        out.dense[i].mul_(out.masks[i].to(p.dtype))
             return
         if spec.orthogonal:
             out.dense.update(_orthogonal(spec, [params[i][1] for i in dense], dense))
@@ -201,8 +220,9 @@ class DirectionSet:
 
     def pieces(self, indices: list[int] | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(parameter index, flat start, z piece)`` of the dense directions (K = 1), regenerated
-        piece by piece into one reused buffer per dtype and device (never more than CHUNK values of
-        z exist; the piece is only valid until the next one). Masked pieces come out masked."""
+        piece by piece into one reused buffer per dtype and device (never more than CHUNK regenerated
+        values of z exist, besides the stored tensors of at most SMALL values; the piece is only valid
+        until the next one). Masked pieces come out masked."""
         if self.spec.num_directions != 1:
             raise ValueError("pieces() regenerates a single direction (K = 1)")
         indices = self.dense_indices() if indices is None else indices
@@ -219,7 +239,7 @@ class DirectionSet:
             mask = self.masks[i].reshape(-1) if i in self.masks else None
             n = p.numel()
             for start in range(0, n, CHUNK):
-                if self.materialised:
+                if i in self.dense:  # stored: every direction when materialised, else the small ones
                     yield i, start, self.dense[i].view(-1)[start:start + CHUNK]
                     continue
                 z = fill_stream_(buffers[key][: min(CHUNK, n - start)], self.spec.distribution,
