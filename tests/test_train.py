@@ -269,3 +269,20 @@ def test_save_model_writes_the_final_parameters(tmp_path):
     assert not (tmp_path / "r" / "model.pt.part").exists()
     train.run(tiny(train={"max_steps": 3}), tmp_path / "r", overwrite=True)  # without it, no stale model.pt
     assert not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_eval_train_examples_evaluates_a_fixed_sample_and_records_its_size(tmp_path):
+    full = train.run(tiny(), tmp_path / "full")
+    assert full["train_eval_examples"] == len(data.load("synthetic", num_train=200, num_test=100).train)
+    sampled = train.run(tiny(train={"eval_train_examples": 37}), tmp_path / "sampled")
+    assert sampled["train_eval_examples"] == 37
+    # the sample changes only the train evaluation: same training, same validation and test numbers
+    losses = [[r["loss"] for r in read_csv(tmp_path / d / "metrics.csv")] for d in ("full", "sampled")]
+    assert losses[0] == losses[1]
+    assert [full[k] for k in ("final_val_loss", "final_test_loss")] == \
+        [sampled[k] for k in ("final_val_loss", "final_test_loss")]
+    assert sampled["final_train_loss"] != full["final_train_loss"]
+    again = train.run(tiny(train={"eval_train_examples": 37}), tmp_path / "again")
+    assert again["final_train_loss"] == sampled["final_train_loss"]  # the sample is fixed by train.seed
+    with pytest.raises(C.ConfigError, match="eval_train_examples"):
+        C.resolve(tiny(train={"eval_train_examples": 0}))

@@ -162,7 +162,11 @@ class TrainConfig:
     ``accumulate = n`` averages the estimates of n consecutive
     minibatches before each optimizer step (``bpfree.estimators.accumulate``;
     every estimator, backprop included); steps count optimizer steps, and an
-    epoch's last step averages what is left.
+    epoch's last step averages what is left. ``eval_train_examples = n``
+    evaluates the training split at the end on n examples (a fixed sample,
+    drawn with ``seed``) instead of all of it: on a transformer the whole split
+    can take longer than the training (MiniLM-L6, 30.9k tweets); the summary
+    records how many were used (``train_eval_examples``).
     """
 
     epochs: int | None = None
@@ -183,6 +187,7 @@ class TrainConfig:
     keep_checkpoint: bool = False
     divergence_factor: float = 100.0
     divergence_bound: float | None = None
+    eval_train_examples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -647,7 +652,7 @@ def _check_range(c: Config) -> None:
         "set a budget: train.epochs, train.max_steps or train.max_seconds (whichever ends first)",
     )
     for key in ("epochs", "max_steps", "max_seconds", "clip_grad_norm", "eval_every_steps",
-                "checkpoint_every_steps", "checkpoint_every_seconds", "divergence_bound"):
+                "checkpoint_every_steps", "checkpoint_every_seconds", "divergence_bound", "eval_train_examples"):
         v = getattr(t, key)
         need(v is None or v > 0, f"train.{key} must be > 0 (or unset), got {v}")
     need(isinstance(t.accumulate, int) and not isinstance(t.accumulate, bool) and t.accumulate >= 1,

@@ -101,6 +101,7 @@ SUMMARY_FIELDS: tuple[Field, ...] = (
     _F("final_val_accuracy", _NUM, "fraction", "accuracy on the validation split at the last evaluation"),
     _F("final_test_loss", _NUM, "nats", "mean cross-entropy on the test split at the last evaluation"),
     _F("final_test_accuracy", _NUM, "fraction", "accuracy on the test split at the last evaluation"),
+    _F("train_eval_examples", (int,), "examples", "how many training examples the final_train_* evaluation used (train.eval_train_examples)"),
     _F("steps", (int,), "steps", "optimizer steps taken"),
     _F("epochs_completed", _NUM, "epochs", "steps / steps_per_epoch"),
     _F("train_seconds", _NUM, "s", "training wall time, evaluation and checkpoints excluded"),

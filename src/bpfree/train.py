@@ -635,7 +635,7 @@ class _Loop:
 
     def evaluate(self, split: str) -> None:
         """Evaluate ``split`` unless it is empty or was already evaluated at this step."""
-        data_split = self.splits[split]
+        data_split = self.train_sample() if split == "train" else self.splits[split]
         if len(data_split) == 0 or self.last.get(split, {}).get("step") == self.step:
             return
         loss, acc = evaluate(self.model, data_split, self.cfg.data.eval_batch_size)
@@ -659,6 +659,18 @@ class _Loop:
             }
         )
 
+    def train_sample(self) -> data.TensorSplit:
+        """The training split, or ``train.eval_train_examples`` of its examples: a sample fixed by
+        ``train.seed`` (its own generator: the data order and the estimator's draws are untouched)."""
+        split, n = self.splits["train"], self.cfg.train.eval_train_examples
+        if n is None or n >= len(split):
+            return split
+        if getattr(self, "_train_sample", None) is None:
+            g = torch.Generator().manual_seed(self.cfg.train.seed)
+            idx = torch.randperm(len(split), generator=g)[:n].sort().values.to(split.y.device)
+            self._train_sample = data.TensorSplit(split.x[idx], split.y[idx], split.collate)
+        return self._train_sample
+
     # ------------------------------------------------------------------ the record
 
     def summary(self, status: str) -> dict[str, Any]:
@@ -675,6 +687,7 @@ class _Loop:
             "diverged_at_step": self.diverged_at,
             "stopped_by": self.stopped_by if status != "interrupted" else "interrupted",
             **final,
+            "train_eval_examples": len(self.train_sample()) if "train" in self.last else None,
             "steps": steps,
             "epochs_completed": steps / self.steps_per_epoch,
             "train_seconds": self.train_seconds,
