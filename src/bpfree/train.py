@@ -344,6 +344,7 @@ class _Loop:
         self.forward_passes_total, self.train_seconds = 0.0, 0.0
         self.step_ms: list[float] = []
         self.last: dict[str, dict[str, float]] = {}  # split -> {"step", "loss", "accuracy"}
+        self._train_sample: data.TensorSplit | None = None  # train.eval_train_examples' sample, drawn once
         self.status, self.reason, self.diverged_at, self.stopped_by = "running", None, None, None
         self.cost: dict[str, Any] = {}  # FLOPs and memory of one step (measure())
         self.t_start = time.perf_counter()
@@ -665,7 +666,7 @@ class _Loop:
         split, n = self.splits["train"], self.cfg.train.eval_train_examples
         if n is None or n >= len(split):
             return split
-        if getattr(self, "_train_sample", None) is None:
+        if self._train_sample is None:
             g = torch.Generator().manual_seed(self.cfg.train.seed)
             idx = torch.randperm(len(split), generator=g)[:n].sort().values.to(split.y.device)
             self._train_sample = data.TensorSplit(split.x[idx], split.y[idx], split.collate)

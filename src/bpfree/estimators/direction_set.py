@@ -92,9 +92,6 @@ def fill_stream_(flat: torch.Tensor, distribution: str, key: tuple[int, ...], *,
         raise ValueError(f"a stream is regenerated in whole pieces of {CHUNK} values; start={start}")
     gen = generator or torch.Generator(device=flat.device)
     with directions._drawing():
-        if flat.numel() <= CHUNK:  # one piece (every factor and bias): no slicing
-            gen.manual_seed(directions.counter_seed(*key, start // CHUNK))
-            return directions.fill_(flat, distribution, gen)
         for off in range(0, flat.numel(), CHUNK):
             gen.manual_seed(directions.counter_seed(*key, (start + off) // CHUNK))
             directions.fill_(flat[off:off + CHUNK], distribution, gen)
@@ -197,14 +194,7 @@ class DirectionSet:
                 raise ValueError("only single, non-orthogonal directions can be regenerated piece by piece")
             # small tensors (biases, norms) are stored anyway: regenerating one costs a draw's fixed
             # overhead each time it is used (MeZO uses z three times), and they hold few values
-            for i in dense:
-                p = params[i][1]
-                if p.numel() <= SMALL:
-                    out.dense[i] = fill_stream_(torch.empty(p.numel(), dtype=p.dtype, device=p.device), dist,
-                                                (spec.seed, i, DENSE), generator=gen(p)).view(1, *p.shape)
-                    if i in out.masks:
-                        out.dense[i].mul_(out.masks[i].to(p.dtype))
-            return
+            dense = [i for i in dense if params[i][1].numel() <= SMALL]
         if spec.orthogonal:
             out.dense.update(_orthogonal(spec, [params[i][1] for i in dense], dense))
         else:
@@ -216,7 +206,8 @@ class DirectionSet:
                 fill_stream_(buf.view(-1), dist, (spec.seed, i, DENSE), generator=gen(p))
                 out.dense[i] = buf.unsqueeze(0) if k == 1 else buf
         for i, mask in out.masks.items():
-            out.dense[i].mul_(mask.to(out.dense[i].dtype))
+            if i in out.dense:  # a regenerated one is masked piece by piece (pieces())
+                out.dense[i].mul_(mask.to(out.dense[i].dtype))
 
     def pieces(self, indices: list[int] | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(parameter index, flat start, z piece)`` of the dense directions (K = 1), regenerated

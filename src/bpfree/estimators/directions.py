@@ -195,9 +195,6 @@ def fill_(out: torch.Tensor, distribution: str, generator: torch.Generator) -> t
     table = _sign_table(out.dtype, out.device)
     octets = words.view(torch.uint8)[: (n + 7) // 8].int()
     whole = n // 8
-    if whole and n % 8 == 0:  # the common case: no slicing
-        torch.index_select(table, 0, octets, out=flat.view(whole, 8))
-        return out
     if whole:
         torch.index_select(table, 0, octets[:whole], out=flat[: whole * 8].view(whole, 8))
     if n % 8:
