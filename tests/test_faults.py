@@ -80,6 +80,46 @@ def test_interrupted_run_resumes_bit_identical_in_process(tmp_path, monkeypatch)
     same_run(tmp_path / "run", tmp_path / "ref")
 
 
+def test_evaluation_stops_before_its_next_batch_and_restores_the_mode():
+    model = torch.nn.Linear(4, 3)
+    split = train.data.TensorSplit(torch.randn(50, 4), torch.randint(0, 3, (50,)))
+    calls = []
+
+    def signal_after_two_batches():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.evaluate(model, split, 10, between_batches=signal_after_two_batches)
+    assert len(calls) == 3 and model.training  # two batches ran; the mode is back
+    assert train.evaluate(model, split, 10, between_batches=lambda: None) == train.evaluate(model, split, 10)
+
+
+@pytest.mark.parametrize("split, at_step", [("val", 20), ("test", 40)])
+def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it(tmp_path, monkeypatch, split, at_step):
+    """A minute-long evaluation must not outlive ``docker stop``'s grace period; the resumed run
+    equals an uninterrupted one, the cut evaluation included."""
+    train.run(tiny(), tmp_path / "ref")
+    original = train._Loop.evaluate
+
+    def sigterm_inside(self, which):
+        if which == split and self.step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded; the evaluation stops before its next batch
+        original(self, which)
+
+    monkeypatch.setattr(train._Loop, "evaluate", sigterm_inside)
+    summary = train.run(tiny(), tmp_path / "run")
+    assert summary["status"] == "interrupted" and summary["steps"] == at_step
+    assert summary["reason"].startswith(f"interrupted by SIGTERM during the {split} evaluation after step {at_step}")
+    assert summary["final_test_accuracy"] is None
+    assert all(int(r["step"]) < at_step or r["split"] != split for r in rows(tmp_path / "run" / "eval.csv"))
+    monkeypatch.undo()
+    resumed = train.resume(tmp_path / "run")
+    assert resumed["status"] == "completed" and resumed["steps"] == 40  # no step past max_steps
+    same_run(tmp_path / "run", tmp_path / "ref")
+
+
 def test_a_step_cut_by_a_second_signal_is_never_checkpointed(tmp_path, monkeypatch):
     original = train._Loop.train_step
 

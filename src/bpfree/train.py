@@ -41,8 +41,9 @@ Each step is ``loss.backward()`` with the estimator as the engine::
   bit-identical to an uninterrupted run (wall-time columns aside). Checkpoint
   time is excluded from ``train_seconds``; its cost is in ``summary["checkpoints"]``.
 * **Signals**: the first Ctrl-C or SIGTERM stops the run after the current
-  step (status ``interrupted``, checkpoint, final records, no further
-  evaluation); a second one interrupts at once (the last periodic checkpoint
+  step, or inside an evaluation before its next batch (status ``interrupted``,
+  checkpoint, final records, no further evaluation; the resumed run redoes the
+  evaluation that was cut); a second one interrupts at once (the last periodic checkpoint
   is kept; a possibly half-done step is never checkpointed); any signal
   during the final write is recorded and ignored, so it cannot corrupt it.
 * **Dropout and other global-RNG draws** come from the global RNG seeded with
@@ -67,7 +68,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -109,21 +110,29 @@ def grad_norm(model: nn.Module, max_norm: float | None) -> float | None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: data.TensorSplit, batch_size: int) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: data.TensorSplit, batch_size: int, *,
+             between_batches: Callable[[], None] | None = None) -> tuple[float, float]:
     """``(mean cross-entropy, accuracy)`` of ``model`` on ``split``, in eval mode.
 
     Means are over targets: one per example for classification, one per real
     token for a language model's next-token targets (−100, padding, is ignored).
+    ``between_batches`` is called before every batch; the training loop raises
+    ``KeyboardInterrupt`` from it once a signal came, so a long evaluation (a
+    minute for a transformer on a CPU) never outlives ``docker stop``'s grace period.
     """
     was_training = model.training
     model.eval()
     loss, correct, count = 0.0, 0, 0
-    for x, y in data.batches(split, batch_size, shuffle=False):
-        logits = model(x)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
-        count += int((y != -100).sum())
-    model.train(was_training)
+    try:
+        for x, y in data.batches(split, batch_size, shuffle=False):
+            if between_batches is not None:
+                between_batches()
+            logits = model(x)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
+            count += int((y != -100).sum())
+    finally:
+        model.train(was_training)
     return loss / max(count, 1), correct / max(count, 1)
 
 
@@ -352,6 +361,7 @@ class _Loop:
         self.order: data.Batches | None = None  # the current epoch's batches, None between epochs
         self.initial_loss: float | None = None  # the first step's training loss (divergence bound)
         self.in_step = False  # a step is under way: its state is not checkpointed
+        self.evaluating: str | None = None  # the split being evaluated, if any
         self.checkpoints: dict[str, Any] = {"count": 0, "seconds_total": 0.0, "seconds_max": 0.0, "bytes": None}
         self.last_checkpoint = time.monotonic()
         self.best_val_loss = math.inf
@@ -367,6 +377,8 @@ class _Loop:
             self.warmup()
         if self.resume_from is not None:
             self.load_state_dict(self.resume_from)  # after the warm-up: it may touch estimator state
+            if self.validation_due():
+                self.evaluate("val")  # the one a signal cut (evaluation draws nothing: the run stays bit-exact)
         else:
             if t.measure:
                 self.measure()
@@ -383,6 +395,9 @@ class _Loop:
                     self.epoch += 1
                     self.order = data.batches(self.splits["train"], self.cfg.data.batch_size, generator=self.data_gen)
                 for (x, y), *more in _groups(self.order, t.accumulate):
+                    self.stopped_by = self.cap_reached()  # a run resumed after its last step takes no more
+                    if self.stopped_by:
+                        break
                     loss = self.train_step(x, y, *more)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4g}", epoch=self.epoch, refresh=False)
@@ -394,10 +409,7 @@ class _Loop:
                         if self.status == "diverged":
                             self.stopped_by = "diverged"
                             break
-                    if t.max_steps is not None and self.step >= t.max_steps:
-                        self.stopped_by = "max_steps"
-                    elif t.max_seconds is not None and self.train_seconds >= t.max_seconds:
-                        self.stopped_by = "max_seconds"
+                    self.stopped_by = self.cap_reached()
                     if self.stopped_by:
                         break
                     self.stop_if_signalled()
@@ -416,8 +428,23 @@ class _Loop:
         if self.status == "running":
             self.status = "completed"
 
+    def cap_reached(self) -> str | None:
+        """``"max_steps"`` / ``"max_seconds"`` once the run has taken its budget, else None."""
+        t = self.cfg.train
+        if t.max_steps is not None and self.step >= t.max_steps:
+            return "max_steps"
+        if t.max_seconds is not None and self.train_seconds >= t.max_seconds:
+            return "max_seconds"
+        return None
+
+    def validation_due(self) -> bool:
+        """Whether the loop evaluates ``val`` at this step: at the start, every
+        ``train.eval_every_steps``, at the end of an epoch (no batch order open)."""
+        every = self.cfg.train.eval_every_steps
+        return self.step == 0 or self.order is None or bool(every and self.step % every == 0)
+
     def stop_if_signalled(self) -> None:
-        """Raise ``KeyboardInterrupt`` between steps once a Ctrl-C / SIGTERM was received."""
+        """Raise ``KeyboardInterrupt`` between steps (and evaluation batches) once a Ctrl-C / SIGTERM was received."""
         if self.signals is not None and self.signals.received:
             raise KeyboardInterrupt
 
@@ -448,6 +475,9 @@ class _Loop:
         if self.in_step:
             self.reason = (f"interrupted by {name} inside step {self.step + 1}; that step is discarded "
                            "(the last periodic checkpoint, if any, is kept)")
+        elif self.evaluating:
+            self.reason = (f"interrupted by {name} during the {self.evaluating} evaluation after step {self.step}; "
+                           "a resumed run evaluates again")
         else:
             self.reason = f"interrupted by {name} after step {self.step}"
 
@@ -639,7 +669,9 @@ class _Loop:
         data_split = self.train_sample() if split == "train" else self.splits[split]
         if len(data_split) == 0 or self.last.get(split, {}).get("step") == self.step:
             return
-        loss, acc = evaluate(self.model, data_split, self.cfg.data.eval_batch_size)
+        self.evaluating = split
+        loss, acc = evaluate(self.model, data_split, self.cfg.data.eval_batch_size, between_batches=self.stop_if_signalled)
+        self.evaluating = None
         self.last[split] = {"step": self.step, "loss": loss, "accuracy": acc}
         if split == "val" and self.status == "running":
             why = self.divergence(loss, None, what="validation loss")
