@@ -120,6 +120,27 @@ def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it(tmp
     same_run(tmp_path / "run", tmp_path / "ref")
 
 
+def test_a_killed_run_reports_its_latest_evaluations_from_eval_csv(tmp_path):
+    """SIGKILL leaves the summary of the last checkpoint (here: the first one, before any
+    evaluation); the report takes each split's last eval.csv row, as it takes steps from metrics.csv."""
+    train.run(tiny(), tmp_path / "r")
+    path = tmp_path / "r" / "summary.json"
+    done = json.loads(path.read_text())
+    first = {**done, "status": "running", "steps": 0,
+             **{f"final_{s}_{m}": None for s in ("train", "val", "test") for m in ("loss", "accuracy")}}
+    path.write_text(json.dumps(first))
+    with open(tmp_path / "r" / "eval.csv") as f:
+        lines = f.readlines()
+    (tmp_path / "r" / "eval.csv").write_text("".join(lines[:-1]))  # killed during the test evaluation
+    summary = runs.read_run(tmp_path / "r").summary
+    assert summary["status"] == "killed" and summary["steps"] == 40
+    evals = rows(tmp_path / "r" / "eval.csv")
+    last_val = [r for r in evals if r["split"] == "val"][-1]
+    assert summary["final_val_accuracy"] == pytest.approx(float(last_val["accuracy"]))
+    assert summary["final_train_loss"] == pytest.approx(done["final_train_loss"])
+    assert summary["final_test_accuracy"] is None  # its row was never written
+
+
 def test_a_step_cut_by_a_second_signal_is_never_checkpointed(tmp_path, monkeypatch):
     original = train._Loop.train_step
 

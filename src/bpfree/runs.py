@@ -357,19 +357,22 @@ def read_run(path: str | Path) -> Run:
     for row in _read_csv(path / "metrics.csv"):
         for c in METRICS_COLUMNS:
             metrics[c].append(_number(row.get(c)))
-    summary = Summary(as_reported(path, summary, metrics))
     evals = [
         {k: (v if k == "split" else _number(v)) for k, v in row.items()} for row in _read_csv(path / "eval.csv")
     ]
+    summary = Summary(as_reported(path, summary, metrics, evals))
     return Run(path, config, summary, metrics, evals)
 
 
-def as_reported(path: Path, summary: dict[str, Any], metrics: dict[str, list[float]]) -> dict[str, Any]:
+def as_reported(path: Path, summary: dict[str, Any], metrics: dict[str, list[float]],
+                evals: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """``summary`` as it stands now, for reports.
 
     * A ``running`` run whose writer is gone becomes ``killed``; its ``steps``
       (and ``epochs_completed``, ``train_seconds``) are taken from the complete
-      rows of ``metrics.csv``, which is flushed row by row.
+      rows of ``metrics.csv``, and its ``final_*`` loss and accuracy of each split
+      from the split's last row of ``eval.csv`` (both files are flushed row by row;
+      the summary is only rewritten at checkpoints).
     * A ``diverged`` run has no final loss or accuracy (records written before
       this rule may hold them): a diverged model's numbers are no result.
     """
@@ -381,8 +384,12 @@ def as_reported(path: Path, summary: dict[str, Any], metrics: dict[str, list[flo
     n = int(max(steps)) if steps else 0
     per_epoch = summary.get("steps_per_epoch")
     wall = [w for w in metrics.get("wall_time_s", []) if math.isfinite(w)]
+    latest = {row["split"]: row for row in evals}  # rows are in time order
+    finals = {f"final_{split}_{m}": row[m] for split, row in latest.items() if split in ("train", "val", "test")
+              for m in ("loss", "accuracy") if math.isfinite(row.get(m, math.nan))}
     return {
         **summary,
+        **finals,
         "status": "killed",
         "steps": n,
         "epochs_completed": n / per_epoch if per_epoch else None,
