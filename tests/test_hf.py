@@ -367,3 +367,41 @@ def test_shipped_configs_resolve_for_every_estimator(name):
         assert cfg.model.options["attention"] == kernel
         assert cfg.data.options["tokenizer"] == "minilm"
         assert C.resolve(C.load(path, [f"estimator.name={est}"])) == cfg
+
+
+@pytest.mark.parametrize("finetune", ["lora", "head"])
+def test_frozen_layers_carry_tangents_at_two_matmuls_and_the_same_estimate(finetune, monkeypatch):
+    """LoRA's frozen Linear layers pass the tangent as W ẋ (``_lowrank.frozen_layer_tangents``):
+    the estimate equals torch's own jvp rule's, at no more than 2 forward passes' FLOPs
+    (torch's rule spends a third matmul per frozen layer on the weight's absent tangent)."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bpfree.estimators import _lowrank
+
+    model = tiny_bert(finetune, attention="eager")
+    x, y = batch()
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    def estimate_and_flops() -> tuple[torch.Tensor, int]:
+        for p in model.parameters():
+            p.grad = None
+        with FlopCounterMode(display=False) as count:
+            estimators.make("forward_gradient").estimate(model, closure, generator=torch.Generator().manual_seed(3))
+        return flat_grads(model), count.get_total_flops()
+
+    with FlopCounterMode(display=False) as fwd:
+        with torch.no_grad():
+            closure()
+    g, flops = estimate_and_flops()
+    monkeypatch.setattr(_lowrank, "frozen_layer_tangents", lambda model, skip=(): contextlib.nullcontext())
+    g_torch, flops_torch = estimate_and_flops()
+    assert torch.allclose(g, g_torch, rtol=1e-10, atol=1e-14) and g.abs().sum() > 0
+    f = fwd.get_total_flops()
+    if finetune == "lora":  # the tangent crosses every frozen layer after the first LoRA adapter
+        assert flops < 2.1 * f < 2.6 * f < flops_torch
+    else:  # head only: the tangent starts at the head, so no frozen layer sees one
+        assert flops == flops_torch < 1.1 * f

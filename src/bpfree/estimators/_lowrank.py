@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -353,6 +353,53 @@ def with_tangents(tangents: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
         return forward
 
     return _patched({mod: make(mod, a, b) for mod, (a, b) in tangents.items()}, model)
+
+
+@contextlib.contextmanager
+def frozen_layer_tangents(model: nn.Module, skip: Iterable[nn.Module] = ()) -> Iterator[None]:
+    """Within a ``forward_ad.dual_level``, every Linear/Conv2d of ``model`` (``lowrank_eligible``,
+    hook-free, not in ``skip``) whose weight carries no tangent maps a dual input (x, ẋ) to
+    (W x + b, W ẋ + ḃ), primal and tangent computed separately.
+
+    torch's own jvp of ``addmm`` / ``conv2d`` spends a second matmul of the full size on the
+    weight's absent tangent (3F instead of 2F: a frozen 1536 × 384 layer on 1024 tokens took
+    19–23 ms under forward AD against 11 ms for the two matmuls written out). These are the
+    frozen layers of LoRA or head-only fine-tuning, where the tangent flows through every
+    frozen weight. A weight that does carry a tangent (a dense direction) falls back to
+    torch's rule at call time; a layer whose forward never runs is simply not used.
+    """
+    from torch.autograd import forward_ad as fwAD  # noqa: PLC0415
+
+    skipped = {id(m) for m in skip}
+
+    def make(mod: nn.Module) -> Callable[..., torch.Tensor]:
+        own = type(mod).forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            wp, wt = fwAD.unpack_dual(mod.weight)
+            if wt is not None or not isinstance(x, torch.Tensor):
+                return own(mod, x)
+            xp, xt = fwAD.unpack_dual(x)
+            bp, bt = fwAD.unpack_dual(mod.bias) if mod.bias is not None else (None, None)
+            y = _layer(mod, xp, wp, bp)
+            if xt is None and bt is None:
+                return y
+            t = _layer(mod, xt, wp) if xt is not None else torch.zeros_like(y)
+            if bt is not None:
+                t = t + _bias_shaped(mod, bt)
+            return fwAD.make_dual(y, t)
+
+        return forward
+
+    layers = [m for m in model.modules() if lowrank_eligible(m) and id(m) not in skipped
+              and "forward" not in m.__dict__ and not _models.has_hooks(m)]
+    try:
+        for mod in layers:
+            mod.forward = make(mod)
+        yield
+    finally:
+        for mod in layers:
+            mod.__dict__.pop("forward", None)
 
 
 # --------------------------------------------------------------------------- K tangents in one pass

@@ -13,7 +13,9 @@ estimator asks the two dispatchers here and never chooses a fast path inline:
   - ``vmapped_jvp``: dense directions, K > 1 (or orthogonal): ``torch.func.vmap`` of
     ``torch.func.jvp`` over the stacked tangents; 1 + 2K;
   - ``per_direction``: one ``torch.autograd.forward_ad`` pass per direction, low-rank weights
-    patched into their layers (``_lowrank.with_tangents``); 2K (low-rank) or 1 + 2K (dense).
+    patched into their layers (``_lowrank.with_tangents``), and the layers whose weights carry no
+    tangent (LoRA's frozen ones) given the two-matmul rule (``_lowrank.frozen_layer_tangents``);
+    2K (low-rank) or 1 + 2K (dense).
 
 * :func:`perturbed_losses` — f(θ + s_j v_{k_j}) for J branches:
 
@@ -170,6 +172,7 @@ def _per_direction(model, dirs: DirectionSet, closure, primals, estimator) -> De
                     layers.enter_context(_lowrank.with_tangents(step_factors, model))
                 if dirs.rows:
                     layers.enter_context(_embedding_rows.with_tangents(dirs.rows, j, model))
+                layers.enter_context(_lowrank.frozen_layer_tangents(model, skip=step_factors))
                 return directional_derivative(model, names, closure, dense_primals, tangents)
 
         loss, d = explained(run, model, estimator)
