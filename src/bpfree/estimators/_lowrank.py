@@ -147,6 +147,20 @@ def weight_term(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     return (x @ b) @ a.T
 
 
+def add_weight_term(mod: nn.Module, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                    b: torch.Tensor) -> torch.Tensor:
+    """``out += V x`` in place (``out``: a fresh, contiguous layer output) and return it: for
+    ``nn.Linear`` one ``addmm_`` of the (x B) features against Aᵀ, so the (batch, m) term is never
+    allocated (the allocation and its first touch cost about as much as the add); ``addmm`` with
+    ``out=``, which ``FlopCounterMode`` counts (it does not count ``addmm_``); other layers add
+    :func:`weight_term`."""
+    if type(mod) is nn.Linear and out.is_contiguous():
+        flat = out.view(-1, out.shape[-1])
+        torch.addmm(flat, (x @ b).reshape(-1, b.shape[-1]), a.T, out=flat)
+        return out
+    return out.add_(weight_term(mod, x, a, b))
+
+
 def weight_terms(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
                  add_to: torch.Tensor | None = None) -> torch.Tensor:
     """V_k x_k for K directions at once: A (K, m, r), B (K, n, r); x is the shared layer input
@@ -343,11 +357,12 @@ def with_tangents(tangents: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
             xp, xt = fwAD.unpack_dual(x)
             bias_p, bias_t = fwAD.unpack_dual(mod.bias) if mod.bias is not None else (None, None)
             y = _layer(mod, xp, mod.weight, bias_p)
-            t = weight_term(mod, xp, a, b)
-            if xt is not None:
-                t = t + _layer(mod, xt, mod.weight)
+            if xt is None:
+                t = weight_term(mod, xp, a, b)
+            else:  # W ẋ, then (x B) Aᵀ added into it: no second activation-sized buffer
+                t = add_weight_term(mod, _layer(mod, xt, mod.weight), xp, a, b)
             if bias_t is not None:
-                t = t + _bias_shaped(mod, bias_t)
+                t.add_(_bias_shaped(mod, bias_t))
             return fwAD.make_dual(y, t)
 
         return forward
@@ -386,7 +401,7 @@ def frozen_layer_tangents(model: nn.Module, skip: Iterable[nn.Module] = ()) -> I
                 return y
             t = _layer(mod, xt, wp) if xt is not None else torch.zeros_like(y)
             if bt is not None:
-                t = t + _bias_shaped(mod, bt)
+                t.add_(_bias_shaped(mod, bt))
             return fwAD.make_dual(y, t)
 
         return forward
