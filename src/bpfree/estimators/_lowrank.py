@@ -148,17 +148,17 @@ def weight_term(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 
 
 def add_weight_term(mod: nn.Module, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
-                    b: torch.Tensor) -> torch.Tensor:
-    """``out += V x`` in place (``out``: a fresh, contiguous layer output) and return it: for
+                    b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out += alpha·V x`` in place (``out``: a fresh, contiguous layer output) and return it: for
     ``nn.Linear`` one ``addmm_`` of the (x B) features against Aᵀ, so the (batch, m) term is never
     allocated (the allocation and its first touch cost about as much as the add); ``addmm`` with
     ``out=``, which ``FlopCounterMode`` counts (it does not count ``addmm_``); other layers add
     :func:`weight_term`."""
     if type(mod) is nn.Linear and out.is_contiguous():
         flat = out.view(-1, out.shape[-1])
-        torch.addmm(flat, (x @ b).reshape(-1, b.shape[-1]), a.T, out=flat)
+        torch.addmm(flat, (x @ b).reshape(-1, b.shape[-1]), a.T, alpha=alpha, out=flat)
         return out
-    return out.add_(weight_term(mod, x, a, b))
+    return out.add_(weight_term(mod, x, a, b), alpha=alpha)
 
 
 def weight_terms(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
@@ -302,7 +302,7 @@ def perturbed(shifts: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, float]],
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             out = type(mod).forward(mod, x)  # the class's forward, not this instance-level patch
-            return out.add_(weight_term(mod, x, a, b), alpha=scale)  # in place: no third activation-sized buffer
+            return add_weight_term(mod, out, x, a, b, alpha=scale)  # in place: no third activation-sized buffer
 
         return forward
 

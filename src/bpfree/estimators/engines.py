@@ -341,7 +341,9 @@ def _in_place(model, dirs: DirectionSet, closure, scales, which, primals, exact:
 
     def loss(sign: float) -> torch.Tensor:
         factors = {dirs.modules[i]: (a[0], b[0], sign * eps) for i, (a, b) in dirs.factors.items()}
-        with layer_perturbations(model, dirs, factors, 0, sign * eps):
+        # no_grad: loss values only; with grad on, the forward would record a graph and keep its
+        # activations (backprop's memory, which MeZO exists to avoid)
+        with torch.no_grad(), layer_perturbations(model, dirs, factors, 0, sign * eps):
             out = closure()
         check_scalar_loss(out)
         return out.detach().reshape(()).double()
