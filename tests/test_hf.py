@@ -372,8 +372,8 @@ def test_shipped_configs_resolve_for_every_estimator(name):
 @pytest.mark.parametrize("finetune", ["lora", "head"])
 def test_frozen_layers_carry_tangents_at_two_matmuls_and_the_same_estimate(finetune, monkeypatch):
     """LoRA's frozen Linear layers pass the tangent as W ẋ (``_lowrank.frozen_layer_tangents``):
-    the estimate equals torch's own jvp rule's, at no more than 2 forward passes' FLOPs
-    (torch's rule spends a third matmul per frozen layer on the weight's absent tangent)."""
+    the estimate equals torch's own jvp rule's, at about 2 forward passes' FLOPs (2.07F)
+    (torch's rule spends a third matmul per frozen layer on the weight's absent tangent: 2.70F)."""
     import contextlib
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -402,6 +402,6 @@ def test_frozen_layers_carry_tangents_at_two_matmuls_and_the_same_estimate(finet
     assert torch.allclose(g, g_torch, rtol=1e-10, atol=1e-14) and g.abs().sum() > 0
     f = fwd.get_total_flops()
     if finetune == "lora":  # the tangent crosses every frozen layer after the first LoRA adapter
-        assert flops < 2.1 * f < 2.6 * f < flops_torch
+        assert flops < 2.1 * f and flops_torch > 2.6 * f
     else:  # head only: the tangent starts at the head, so no frozen layer sees one
         assert flops == flops_torch < 1.1 * f

@@ -365,7 +365,7 @@ def read_run(path: str | Path) -> Run:
 
 
 def as_reported(path: Path, summary: dict[str, Any], metrics: dict[str, list[float]],
-                evals: list[dict[str, Any]] = ()) -> dict[str, Any]:
+                evals: list[dict[str, Any]]) -> dict[str, Any]:
     """``summary`` as it stands now, for reports.
 
     * A ``running`` run whose writer is gone becomes ``killed``; its ``steps``

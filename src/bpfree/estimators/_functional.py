@@ -70,9 +70,10 @@ def substituted(model: nn.Module, names: list[str], tensors: list[torch.Tensor])
 
 @contextlib.contextmanager
 def patched_forwards(forwards: dict[nn.Module, Callable[..., torch.Tensor]], model: nn.Module,
-                     never_ran: Callable[[str], str]) -> Iterator[None]:
+                     never_ran: Callable[[str], str] | None) -> Iterator[None]:
     """Instance-level forwards ``forwards[mod]`` for the block; afterwards every patched module
-    must have run.
+    must have run (unless ``never_ran`` is None: a rule that changes how, not what, a layer
+    computes may go unused).
 
     A module whose forward never ran had its weight used some other way (or not at all), so
     the perturbation patched into it would silently be missing: that is an
@@ -95,7 +96,7 @@ def patched_forwards(forwards: dict[nn.Module, Callable[..., torch.Tensor]], mod
     finally:
         for mod in patched:
             del mod.forward
-    missing = [m for m in forwards if id(m) not in called]
+    missing = [m for m in forwards if id(m) not in called] if never_ran is not None else []
     if missing:
         names = {m: n for n, m in model.named_modules()}
         raise UnsupportedModelError(never_ran(", ".join(names.get(m, type(m).__name__) for m in missing)))

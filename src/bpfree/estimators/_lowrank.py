@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -150,9 +150,9 @@ def weight_term(mod: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 def add_weight_term(mod: nn.Module, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
                     b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``out += alpha·V x`` in place (``out``: a fresh, contiguous layer output) and return it: for
-    ``nn.Linear`` one ``addmm_`` of the (x B) features against Aᵀ, so the (batch, m) term is never
-    allocated (the allocation and its first touch cost about as much as the add); ``addmm`` with
-    ``out=``, which ``FlopCounterMode`` counts (it does not count ``addmm_``); other layers add
+    ``nn.Linear`` one ``addmm`` (with ``out=``, which ``FlopCounterMode`` counts; it does not count
+    ``addmm_``) of the (x B) features against Aᵀ, so the (batch, m) term is never allocated (the
+    allocation and its first touch cost about as much as the add); other layers add
     :func:`weight_term`."""
     if type(mod) is nn.Linear and out.is_contiguous():
         flat = out.view(-1, out.shape[-1])
@@ -350,31 +350,40 @@ def with_tangents(tangents: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
     whose weight has no tangent still spends a second matmul on it (3F instead of 2F,
     measured with ``FlopCounterMode``), so the rule is written out.
     """
-    from torch.autograd import forward_ad as fwAD  # noqa: PLC0415
-
     def make(mod: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Callable[..., torch.Tensor]:
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            xp, xt = fwAD.unpack_dual(x)
-            bias_p, bias_t = fwAD.unpack_dual(mod.bias) if mod.bias is not None else (None, None)
-            y = _layer(mod, xp, mod.weight, bias_p)
-            if xt is None:
-                t = weight_term(mod, xp, a, b)
-            else:  # W ẋ, then (x B) Aᵀ added into it: no second activation-sized buffer
-                t = add_weight_term(mod, _layer(mod, xt, mod.weight), xp, a, b)
-            if bias_t is not None:
-                t.add_(_bias_shaped(mod, bias_t))
-            return fwAD.make_dual(y, t)
-
-        return forward
+        return lambda x: dual_layer(mod, x, mod.weight, (a, b))
 
     return _patched({mod: make(mod, a, b) for mod, (a, b) in tangents.items()}, model)
 
 
-@contextlib.contextmanager
-def frozen_layer_tangents(model: nn.Module, skip: Iterable[nn.Module] = ()) -> Iterator[None]:
+def dual_layer(mod: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+               factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The layer on a possibly dual input, primal and tangent computed apart:
+    (W x + b, W ẋ + V x + ḃ), with V = A Bᵀ for ``factors`` (A, B) and V = 0 without; ``weight``
+    is the plain W, ``mod.bias`` may be dual. Terms whose tangent is absent are skipped (no
+    input tangent: no W ẋ); with no tangent at all the output is plain.
+
+    The tangent starts as W ẋ and the rest is added into it in place (V x by
+    :func:`add_weight_term`): one activation-sized buffer.
+    """
+    from torch.autograd import forward_ad as fwAD  # noqa: PLC0415
+
+    xp, xt = fwAD.unpack_dual(x)
+    bias_p, bias_t = fwAD.unpack_dual(mod.bias) if mod.bias is not None else (None, None)
+    y = _layer(mod, xp, weight, bias_p)
+    t = _layer(mod, xt, weight) if xt is not None else None
+    if factors is not None:
+        a, b = factors
+        t = weight_term(mod, xp, a, b) if t is None else add_weight_term(mod, t, xp, a, b)
+    if bias_t is not None:
+        t = (torch.zeros_like(y) if t is None else t).add_(_bias_shaped(mod, bias_t))
+    return y if t is None else fwAD.make_dual(y, t)
+
+
+def frozen_layer_tangents(model: nn.Module, skip: Iterable[nn.Module] = ()) -> contextlib.AbstractContextManager[None]:
     """Within a ``forward_ad.dual_level``, every Linear/Conv2d of ``model`` (``lowrank_eligible``,
     hook-free, not in ``skip``) whose weight carries no tangent maps a dual input (x, ẋ) to
-    (W x + b, W ẋ + ḃ), primal and tangent computed separately.
+    (W x + b, W ẋ + ḃ), primal and tangent computed separately (:func:`dual_layer`).
 
     torch's own jvp of ``addmm`` / ``conv2d`` spends a second matmul of the full size on the
     weight's absent tangent (3F instead of 2F: a frozen 1536 × 384 layer on 1024 tokens took
@@ -391,30 +400,16 @@ def frozen_layer_tangents(model: nn.Module, skip: Iterable[nn.Module] = ()) -> I
         own = type(mod).forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            wp, wt = fwAD.unpack_dual(mod.weight)
-            if wt is not None or not isinstance(x, torch.Tensor):
+            weight, weight_tangent = fwAD.unpack_dual(mod.weight)
+            if weight_tangent is not None or not isinstance(x, torch.Tensor):
                 return own(mod, x)
-            xp, xt = fwAD.unpack_dual(x)
-            bp, bt = fwAD.unpack_dual(mod.bias) if mod.bias is not None else (None, None)
-            y = _layer(mod, xp, wp, bp)
-            if xt is None and bt is None:
-                return y
-            t = _layer(mod, xt, wp) if xt is not None else torch.zeros_like(y)
-            if bt is not None:
-                t.add_(_bias_shaped(mod, bt))
-            return fwAD.make_dual(y, t)
+            return dual_layer(mod, x, weight)
 
         return forward
 
     layers = [m for m in model.modules() if lowrank_eligible(m) and id(m) not in skipped
               and "forward" not in m.__dict__ and not _models.has_hooks(m)]
-    try:
-        for mod in layers:
-            mod.forward = make(mod)
-        yield
-    finally:
-        for mod in layers:
-            mod.__dict__.pop("forward", None)
+    return patched_forwards({mod: make(mod) for mod in layers}, model, never_ran=None)
 
 
 # --------------------------------------------------------------------------- K tangents in one pass

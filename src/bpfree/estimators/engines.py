@@ -162,21 +162,22 @@ def _per_direction(model, dirs: DirectionSet, closure, primals, estimator) -> De
     names = [dirs.params[i][0] for i in dense]
     dense_primals = [primals[i] for i in dense]
     loss, d_all = None, []
-    for j in range(k):
-        tangents = [_standalone(dirs.dense_direction(i)[j]) for i in dense]
-        step_factors = {dirs.modules[i]: (a[j], b[j]) for i, (a, b) in dirs.factors.items()}
+    lowrank = [dirs.modules[i] for i in dirs.factors]
+    with _lowrank.frozen_layer_tangents(model, skip=lowrank):  # once for all K passes
+        for j in range(k):
+            tangents = [_standalone(dirs.dense_direction(i)[j]) for i in dense]
+            step_factors = {dirs.modules[i]: (a[j], b[j]) for i, (a, b) in dirs.factors.items()}
 
-        def run(tangents=tangents, step_factors=step_factors, j=j):
-            with contextlib.ExitStack() as layers:
-                if step_factors:
-                    layers.enter_context(_lowrank.with_tangents(step_factors, model))
-                if dirs.rows:
-                    layers.enter_context(_embedding_rows.with_tangents(dirs.rows, j, model))
-                layers.enter_context(_lowrank.frozen_layer_tangents(model, skip=step_factors))
-                return directional_derivative(model, names, closure, dense_primals, tangents)
+            def run(tangents=tangents, step_factors=step_factors, j=j):
+                with contextlib.ExitStack() as layers:
+                    if step_factors:
+                        layers.enter_context(_lowrank.with_tangents(step_factors, model))
+                    if dirs.rows:
+                        layers.enter_context(_embedding_rows.with_tangents(dirs.rows, j, model))
+                    return directional_derivative(model, names, closure, dense_primals, tangents)
 
-        loss, d = explained(run, model, estimator)
-        d_all.append(d.reshape(()))
+            loss, d = explained(run, model, estimator)
+            d_all.append(d.reshape(()))
     passes = 2.0 * k if dirs.factors or dirs.rows else 1.0 + 2.0 * k
     return Derivatives(loss, torch.stack(d_all), passes, "per_direction")
 
